@@ -1,0 +1,74 @@
+from __future__ import annotations
+
+import pytest
+
+from trainer.config import ConfigError, dump_yaml, from_dict, load_config, to_dict
+
+from .conftest import REPO
+
+
+def test_shipped_configs_load():
+    for name in ("tiny.yaml", "demo.yaml"):
+        cfg = load_config(REPO / "configs" / name)
+        assert cfg.data.order and cfg.model.path
+
+
+def test_dotted_overrides_are_typed(tmp_path):
+    cfg = load_config(REPO / "configs" / "tiny.yaml",
+                      ["train.lr=1e-4", "data.order=[yelp,agnews]", "experts.gate=per_task",
+                       "data.max_train_examples=null", "eval.val=false", "data.instructions.yelp=Rate it."])
+    assert cfg.train.lr == 1e-4 and isinstance(cfg.train.lr, float)
+    assert cfg.data.order == ["yelp", "agnews"]
+    assert cfg.experts.gate == "per_task"
+    assert cfg.data.max_train_examples is None
+    assert cfg.eval.val is False
+    assert cfg.data.instructions == {"yelp": "Rate it."}
+
+
+def test_comma_list_override():
+    cfg = load_config(REPO / "configs" / "tiny.yaml", ["data.order=agnews,yelp,amazon"])
+    assert cfg.data.order == ["agnews", "yelp", "amazon"]
+
+
+def test_all_problems_reported_at_once(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  path: builtin:tiny-llama\n  dtpye: float32\n"
+                   "train:\n  lr: fast\n  micro_batch_size: 0\n"
+                   "experts:\n  gate: sometimes\n"
+                   "data:\n  order: [a, a]\n"
+                   "extra: 1\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(bad)
+    msg = str(e.value)
+    assert str(bad) in msg
+    assert "model.dtpye: unknown key (did you mean 'dtype'?)" in msg
+    assert "train.lr: expected float, got 'fast'" in msg
+    assert "experts.gate: expected one of 'shared', 'per_task', got 'sometimes'" in msg
+    assert "extra: unknown key" in msg
+    # Cross-field checks run once the types are right:
+    bad.write_text("model:\n  path: x\ndata:\n  order: [a, a, shared]\ntrain:\n  micro_batch_size: 0\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(bad)
+    msg = str(e.value)
+    assert "task 'a' is listed twice" in msg
+    assert "reserved for the shared expert" in msg
+    assert "train.micro_batch_size: must be > 0, got 0" in msg
+
+
+def test_bad_override_syntax_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="expected section.field=value"):
+        load_config(REPO / "configs" / "tiny.yaml", ["train.lr"])
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="unknown key"):
+        load_config(REPO / "configs" / "tiny.yaml", ["train.learning_rate=1"])
+    with pytest.raises(ConfigError, match="expected int, got True"):
+        load_config(REPO / "configs" / "tiny.yaml", ["train.epochs=true"])
+
+
+def test_round_trip_through_dict_and_yaml():
+    import yaml
+
+    cfg = load_config(REPO / "configs" / "tiny.yaml", ["train.lr=3e-4"])
+    assert from_dict(to_dict(cfg)) == cfg
+    assert from_dict(yaml.safe_load(dump_yaml(cfg))) == cfg

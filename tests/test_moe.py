@@ -1,0 +1,209 @@
+"""The MoE-CL layer and model: exact mixture, gradient reversal, pooling, parameter declarations."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM
+
+from trainer.config import ExpertsConfig
+from trainer.model import MoECLModel, check_supported
+from trainer.moe import SHARED, MoECLMLP, Routing, masked_mean, reverse_gradient
+
+
+def _fill_experts(layer: MoECLMLP, seed: int = 1) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in layer.adapter_modules().values():
+            for p in module.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+
+
+def _naive_expert(base, expert, x):
+    """E_e(x) computed the direct way, with its own base down projection."""
+    gate = base.gate_proj(x) + expert.gate_proj(x)
+    up = base.up_proj(x) + expert.up_proj(x)
+    h = base.act_fn(gate) * up
+    return base.down_proj(h) + expert.down_proj(h)
+
+
+@pytest.fixture()
+def layer(tiny_base):
+    mlp = tiny_base.model.layers[0].mlp
+    routing = Routing()
+    moe = MoECLMLP(mlp, 0, routing, hidden=64, intermediate=128, rank=4, alpha=8, dropout=0.0, gate_mode="shared")
+    moe.add_task("a")
+    _fill_experts(moe)
+    return moe
+
+
+def test_mixture_equals_naive_two_expert_formula(layer):
+    x = torch.randn(3, 5, 64)
+    mask = torch.ones(3, 5)
+    mask[1, 3:] = 0
+    for collect in (False, True):  # with and without the fused pooled-output path
+        layer.routing.task, layer.routing.mask, layer.routing.collect = "a", mask, collect
+        y = layer(x)
+        w = torch.softmax(layer.gates["all_tasks"].proj(x), dim=-1)
+        naive = w[..., :1] * _naive_expert(layer.base, layer.experts[SHARED], x) + \
+            w[..., 1:] * _naive_expert(layer.base, layer.experts["a"], x)
+        torch.testing.assert_close(y, naive, rtol=1e-5, atol=1e-5)
+
+
+def test_pooled_shared_output_is_masked_mean_of_shared_expert(layer):
+    x = torch.randn(2, 6, 64)
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 0, 0, 0, 0]])
+    layer.routing.task, layer.routing.mask, layer.routing.collect = "a", mask, True
+    layer(x)
+    e_s = _naive_expert(layer.base, layer.experts[SHARED], x)
+    expected = torch.stack([e_s[0].mean(0), e_s[1, :2].mean(0)])
+    torch.testing.assert_close(layer.routing.pooled[0], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_unlearned_task_routes_to_shared_expert_alone(layer):
+    x = torch.randn(2, 4, 64)
+    layer.routing.task, layer.routing.mask, layer.routing.collect = None, None, False
+    torch.testing.assert_close(layer(x), _naive_expert(layer.base, layer.experts[SHARED], x), rtol=1e-5, atol=1e-5)
+
+
+def test_masked_mean_by_hand():
+    x = torch.tensor([[[1.0], [3.0], [100.0]], [[2.0], [4.0], [6.0]]])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    assert masked_mean(x, mask).flatten().tolist() == [2.0, 4.0]
+
+
+def test_gradient_reversal_sign_and_scale():
+    x = torch.randn(4, 3, requires_grad=True)
+    w = torch.randn(4, 3)
+    (reverse_gradient(x, 0.3) * w).sum().backward()
+    torch.testing.assert_close(x.grad, -0.3 * w)
+    y = reverse_gradient(x, 0.3)
+    torch.testing.assert_close(y, x)  # identity forward
+
+
+def test_new_expert_starts_as_noop(tiny_base):
+    x = torch.randint(0, 1000, (2, 6))
+    mask = torch.ones_like(x)
+    with torch.no_grad():
+        base_logits = tiny_base(input_ids=x, attention_mask=mask).logits
+    model = MoECLModel(tiny_base, ["a", "b"], ExpertsConfig(dropout=0.0))
+    model.add_task("a")
+    layer = model.moe_layers[0]
+    h = torch.randn(2, 6, 64)
+    torch.testing.assert_close(layer.experts["a"].down_proj(torch.randn(2, 6, 128)), torch.zeros(2, 6, 64))
+    torch.testing.assert_close(layer.experts["a"].gate_proj(h), torch.zeros(2, 6, 128))
+    with torch.no_grad():  # shared and task experts both zero: the base model exactly
+        hidden = model.hidden_states(x, mask, "a")
+        logits = model.base.get_output_embeddings()(hidden)
+    torch.testing.assert_close(logits, base_logits, rtol=1e-5, atol=1e-5)
+
+
+def _adversarial_grads(base_dir, lam: float):
+    """Gradients of L_D alone w.r.t. a shared-expert weight and a discriminator weight."""
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    model = MoECLModel(base, ["a", "b"], ExpertsConfig(dropout=0.0, adversarial_weight=lam))
+    model.add_task("a")
+    _fill_experts(model.moe_layers[0], seed=3)
+    _fill_experts(model.moe_layers[1], seed=4)
+    model.freeze_all_but("a")
+    x = torch.randint(0, 1000, (2, 6), generator=torch.Generator().manual_seed(0))
+    model.hidden_states(x, torch.ones_like(x), "a", collect=True)
+    model.discriminator_loss(0, 2)[0].backward()
+    return (model.moe_layers[0].experts[SHARED].down_proj.lora_b.grad.clone(),
+            model.discriminators[0].net.weight.grad.clone())
+
+
+def test_adversarial_gradient_reaches_upstream_reversed_and_scaled(tiny_llama_dir):
+    """The discriminator descends L_D; the shared expert receives -lambda * dL_D."""
+    g = {lam: _adversarial_grads(tiny_llama_dir, lam) for lam in (0.0, 0.5, 1.0, -1.0)}
+    assert torch.count_nonzero(g[0.0][0]) == 0  # lambda = 0: no adversarial signal upstream
+    assert g[1.0][0].abs().sum() > 0
+    torch.testing.assert_close(g[1.0][0], 2 * g[0.5][0])
+    # lambda = -1 is a plain (unreversed) path: the true dL_D, opposite in sign to what lambda = 1 gives.
+    torch.testing.assert_close(g[-1.0][0], -g[1.0][0])
+    torch.testing.assert_close(g[0.5][1], g[1.0][1])  # the discriminator's own gradient is not scaled
+
+
+def test_trainable_parameters_are_declared_and_old_experts_frozen(tiny_base):
+    model = MoECLModel(tiny_base, ["a", "b"], ExpertsConfig())
+    model.add_task("a")
+    model.add_task("b")
+    params = model.freeze_all_but("b")
+    ids = {id(p) for p in params}
+    named = dict(model.named_parameters())
+    trainable = {n for n, p in named.items() if p.requires_grad}
+    assert trainable == {n for n, p in named.items() if id(p) in ids}
+    assert any(".experts.shared." in n for n in trainable) and any(".experts.b." in n for n in trainable)
+    assert not any(".experts.a." in n for n in trainable)
+    assert any(n.startswith("discriminators.") for n in trainable)
+    assert not any(n.startswith("base.") and ".mlp.experts." not in n and ".mlp.gates." not in n for n in trainable)
+
+
+def test_exact_saved_key_set(tiny_base):
+    model = MoECLModel(tiny_base, ["a", "b"], ExpertsConfig(gate="per_task"))
+    model.add_task("a")
+    expected = set()
+    for layer in range(2):
+        for expert in ("shared", "a"):
+            for proj in ("gate_proj", "up_proj", "down_proj"):
+                expected |= {f"layers.{layer}.experts.{expert}.{proj}.lora_a", f"layers.{layer}.experts.{expert}.{proj}.lora_b"}
+        expected.add(f"layers.{layer}.gates.a.proj.weight")
+        expected |= {f"discriminators.{layer}.net.weight", f"discriminators.{layer}.net.bias"}
+    assert set(model.adapter_parameters()) == expected
+    shapes = {k: tuple(p.shape) for k, p in model.adapter_parameters().items()}
+    assert shapes["layers.0.experts.a.down_proj.lora_a"] == (8, 128)
+    assert shapes["layers.1.experts.shared.gate_proj.lora_b"] == (128, 8)
+    assert shapes["discriminators.0.net.weight"] == (2, 64)
+
+
+def test_shared_gate_mode_has_one_gate(tiny_base):
+    model = MoECLModel(tiny_base, ["a", "b"], ExpertsConfig(gate="shared", discriminator="mlp"))
+    model.add_task("a")
+    model.add_task("b")
+    assert list(model.moe_layers[0].gates) == ["all_tasks"]
+    assert model.moe_layers[0].gate_for("a") is model.moe_layers[0].gate_for("b")
+    assert model.discriminators[0].net[0].weight.shape == (256, 64)
+
+
+def test_step_cost_does_not_grow_with_learned_tasks(tiny_base):
+    """Only the shared and the routed expert run: count expert calls with many tasks learned."""
+    tasks = [f"t{i}" for i in range(6)]
+    model = MoECLModel(tiny_base, tasks, ExpertsConfig())
+    for t in tasks:
+        model.add_task(t)
+    calls = []
+    for layer in model.moe_layers:
+        for name, expert in layer.experts.items():
+            expert.gate_proj.register_forward_hook(lambda m, i, o, name=name: calls.append(name))
+    x = torch.randint(0, 1000, (1, 4))
+    model.hidden_states(x, torch.ones_like(x), "t3")
+    assert sorted(set(calls)) == ["shared", "t3"] and len(calls) == 4  # 2 layers x 2 experts
+
+
+def test_unsupported_architecture_names_supported_ones():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100))
+    with pytest.raises(ValueError, match="supported: llama, mistral, qwen2, qwen3"):
+        check_supported(gpt2)
+
+
+def test_training_forward_requires_the_task_expert(tiny_base):
+    model = MoECLModel(tiny_base, ["a", "b"], ExpertsConfig())
+    x = torch.randint(0, 1000, (1, 4))
+    with pytest.raises(KeyError, match="add_task"):
+        model(x, torch.ones_like(x), x, "a")
+
+
+def test_discriminator_loss_is_plain_cross_entropy_on_logits(tiny_base):
+    model = MoECLModel(tiny_base, ["a", "b", "c"], ExpertsConfig(dropout=0.0))
+    model.add_task("b")
+    x = torch.randint(0, 1000, (2, 5))
+    model.hidden_states(x, torch.ones_like(x), "b", collect=True)
+    loss, acc = model.discriminator_loss(1, 2)
+    expected = torch.stack([F.cross_entropy(d(model.routing.pooled[i]), torch.tensor([1, 1]))
+                            for i, d in enumerate(model.discriminators)]).mean()
+    torch.testing.assert_close(loss, expected)
+    assert 0.0 <= acc.item() <= 1.0

@@ -1,0 +1,162 @@
+"""End to end through the CLI: two-stage runs on tiny Llama and Qwen2 checkpoints, stage outputs,
+metrics, retention of old experts, failure and kill safety, evaluate and report."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from trainer.checkpoint import sha256_file
+
+from .conftest import REPO, run_cli
+
+
+def _overrides(tmp_path, model_cache, **extra) -> list[str]:
+    o = {"run.dir": str(tmp_path / "run"), "model.cache_dir": str(model_cache),
+         "data.cache_dir": str(tmp_path / "cache"), "data.max_train_examples": 32, "data.max_eval_examples": 12,
+         "train.log_every": 1}
+    o.update(extra)
+    return [f"{k}={v}" for k, v in o.items()]
+
+
+@pytest.fixture(scope="module")
+def llama_run(tmp_path_factory, model_cache):
+    tmp = tmp_path_factory.mktemp("llama")
+    proc = run_cli("sequence", "configs/tiny.yaml", *_overrides(tmp, model_cache))
+    return tmp / "run", proc
+
+
+def test_two_stage_sequence_writes_stages_metrics_and_tensorboard(llama_run):
+    run, proc = llama_run
+    assert "after 2 yelp" in proc.stdout and "ACC" in proc.stdout
+    for k, task in ((1, "agnews"), (2, "yelp")):
+        folder = run / "stages" / f"{k}-{task}"
+        assert sorted(p.name for p in folder.iterdir()) == ["adapters.safetensors", "config.yaml", "stage.json"]
+        manifest = json.loads((folder / "stage.json").read_text())
+        assert manifest["files"]["adapters.safetensors"] == sha256_file(folder / "adapters.safetensors")
+        assert manifest["order"] == ["agnews", "yelp"] and manifest["learned"] == ["agnews", "yelp"][:k]
+        assert manifest["config"]["model"]["path"] == "builtin:tiny-llama"
+        assert manifest["steps"] == 4 and set(manifest["eval"]["test_accuracy"]) == {"agnews", "yelp"}
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["tasks"] == ["agnews", "yelp"]
+    assert len(metrics["accuracy"]) == 2 and all(len(r) == 2 for r in metrics["accuracy"])
+    assert len(metrics["baseline"]) == 2
+    for key in ("ACC", "BWT", "FWT"):
+        assert isinstance(metrics[key], float)
+    assert all(0 <= a <= 1 for row in metrics["accuracy"] + [metrics["baseline"]] for a in row)
+    assert metrics["ACC"] == pytest.approx(sum(metrics["accuracy"][1]) / 2)
+    assert (run / "accuracy.png").read_bytes()[:4] == b"\x89PNG"
+    events = list((run / "tb").glob("events.out.tfevents.*"))
+    assert events
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tags = set()
+    for e in events:
+        acc = EventAccumulator(str(e))
+        acc.Reload()
+        tags |= set(acc.Tags()["scalars"]) | set(acc.Tags()["images"])
+    for tag in ("train/task_loss", "train/disc_loss", "train/disc_acc", "train/lr", "train/grad_norm",
+                "train/tokens_per_s", "gate_shared/layer_0", "gate_shared/layer_1", "eval/accuracy/agnews",
+                "cl/ACC", "cl/BWT", "cl/accuracy_matrix"):
+        assert tag in tags, tag
+
+
+def test_old_experts_are_bit_identical_and_key_sets_exact(llama_run):
+    run, _ = llama_run
+    one = load_file(run / "stages" / "1-agnews" / "adapters.safetensors")
+    two = load_file(run / "stages" / "2-yelp" / "adapters.safetensors")
+    experts = lambda sd: {k.split(".")[3] for k in sd if ".experts." in k}  # noqa: E731
+    assert experts(one) == {"shared", "agnews"} and experts(two) == {"shared", "agnews", "yelp"}
+    assert set(two) - set(one) == {k for k in two if ".experts.yelp." in k}
+    agnews = [k for k in one if ".experts.agnews." in k]
+    assert len(agnews) == 2 * 2 * 3  # 2 layers x (gate, up, down) x (A, B)
+    for k in agnews:
+        assert torch.equal(one[k], two[k]), k
+    shared_b = [k for k in one if ".experts.shared." in k and k.endswith("lora_b")]
+    assert any(not torch.equal(one[k], two[k]) for k in shared_b)  # the shared expert kept learning
+    assert all(torch.count_nonzero(two[k]) > 0 for k in two if ".experts.yelp." in k and k.endswith("lora_b"))
+
+
+def test_evaluate_and_report_reproduce_the_manifest(llama_run, tmp_path, model_cache):
+    run, _ = llama_run
+    manifest = json.loads((run / "stages" / "1-agnews" / "stage.json").read_text())
+    cfg = [f"run.dir={run}", f"model.cache_dir={model_cache}", f"data.cache_dir={tmp_path}",
+           "data.max_train_examples=32", "data.max_eval_examples=12"]
+    out = run_cli("evaluate", "configs/tiny.yaml", *cfg, "--stage", "1", "--json")
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["accuracy"] == manifest["eval"]["test_accuracy"]
+    base = json.loads(run_cli("evaluate", "configs/tiny.yaml", *cfg, "--stage", "0", "--json").stdout.splitlines()[-1])
+    assert base["accuracy"] == manifest["baseline"]
+    rep = run_cli("report", str(run))
+    assert "untrained" in rep.stdout and "after 2 yelp" in rep.stdout and "BWT" in rep.stdout
+
+
+def test_sequence_skips_complete_stages(llama_run, model_cache):
+    run, _ = llama_run
+    before = {p: p.stat().st_mtime_ns for p in run.glob("stages/*/adapters.safetensors")}
+    proc = run_cli("sequence", "configs/tiny.yaml", *_overrides(run.parent, model_cache))
+    assert "stages 1..2 already complete" in proc.stdout
+    assert before == {p: p.stat().st_mtime_ns for p in run.glob("stages/*/adapters.safetensors")}
+
+
+def test_tiny_qwen2_two_stages(tmp_path, model_cache):
+    proc = run_cli("sequence", "configs/tiny.yaml", *_overrides(tmp_path, model_cache, **{
+        "model.path": "builtin:tiny-qwen2", "experts.gate": "per_task", "experts.discriminator": "mlp"}))
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["tasks"] == ["agnews", "yelp"] and len(metrics["accuracy"]) == 2
+    keys = load_file(tmp_path / "run" / "stages" / "2-yelp" / "adapters.safetensors").keys()
+    assert "layers.0.gates.yelp.proj.weight" in keys and "layers.0.gates.agnews.proj.weight" in keys
+    manifest = json.loads((tmp_path / "run" / "stages" / "2-yelp" / "stage.json").read_text())
+    assert "qwen2" in manifest["base_model"]["path"]
+    assert "after 2 yelp" in proc.stdout
+
+
+def test_killed_stage_leaves_previous_stages_intact_and_can_be_rerun(tmp_path, model_cache):
+    o = _overrides(tmp_path, model_cache)
+    run_cli("stage", "configs/tiny.yaml", *o, "--stage", "1")
+    stage1 = tmp_path / "run" / "stages" / "1-agnews"
+    hashes = {p.name: sha256_file(p) for p in stage1.iterdir()}
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "trainer", "stage", "configs/tiny.yaml", *o, "train.max_steps=100000",
+                             "--stage", "2"], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    for line in proc.stdout:  # wait until it is training, then kill it hard
+        if line.startswith("training yelp"):
+            time.sleep(2)
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    assert {p.name: sha256_file(p) for p in stage1.iterdir()} == hashes
+    assert not (tmp_path / "run" / "stages" / "2-yelp").exists()
+    run_cli("stage", "configs/tiny.yaml", *o, "--stage", "2")
+    assert (tmp_path / "run" / "stages" / "2-yelp" / "stage.json").is_file()
+    assert {p.name: sha256_file(p) for p in stage1.iterdir()} == hashes
+
+
+def test_failed_stage_keeps_previous_output(tmp_path, model_cache):
+    o = _overrides(tmp_path, model_cache)
+    run_cli("sequence", "configs/tiny.yaml", *o)
+    stage2 = tmp_path / "run" / "stages" / "2-yelp"
+    before = {p.name: sha256_file(p) for p in stage2.iterdir()}
+    bad = run_cli("stage", "configs/tiny.yaml", *o, "train.micro_batch_size=64", "--stage", "2", check=False)
+    assert bad.returncode != 0 and "fewer than one global batch" in bad.stderr
+    assert {p.name: sha256_file(p) for p in stage2.iterdir()} == before
+    assert not [p for p in stage2.parent.iterdir() if p.name.startswith(".")]
+
+
+def test_cli_errors_are_clear(tmp_path, model_cache):
+    o = _overrides(tmp_path, model_cache)
+    proc = run_cli("stage", "configs/tiny.yaml", *o, "--stage", "2", check=False)
+    assert proc.returncode == 2 and "run stage 1 first" in proc.stderr and "Traceback" not in proc.stderr
+    proc = run_cli("sequence", "configs/tiny.yaml", *o, "train.lr=fast", "data.order=[agnews,agnews]", check=False)
+    assert proc.returncode == 2 and "train.lr: expected float" in proc.stderr and "listed twice" in proc.stderr
+    proc = run_cli("sequence", "configs/tiny.yaml", *o, f"model.path={tmp_path}", check=False)
+    assert proc.returncode == 2 and "has no config.json" in proc.stderr

@@ -1,0 +1,63 @@
+"""Loading the frozen base model and its tokenizer from a local Hugging Face folder.
+
+`builtin:<name>` paths are materialised once into `model.cache_dir` as ordinary Hugging Face
+folders (see `builtin.py`) and then take exactly the path a user's 7B checkpoint takes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from . import builtin
+from .config import ModelConfig
+from .model import SUPPORTED_MODEL_TYPES
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_model_path(cfg: ModelConfig) -> Path:
+    """The local folder for `model.path`, materialising a builtin model on first use."""
+    if cfg.path.startswith("builtin:"):
+        return builtin.materialize(cfg.path.removeprefix("builtin:"), Path(cfg.cache_dir).expanduser())
+    folder = Path(cfg.path).expanduser()
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"model.path: {folder} has no config.json; point it at a local Hugging Face "
+                                f"model folder (no hub downloads), or use one of builtin:{', builtin:'.join(builtin.NAMES)}")
+    return folder
+
+
+def load_tokenizer(folder: Path, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token  # padding is masked out everywhere; any id will do
+    return tok
+
+
+def load_base(cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, Path]:
+    """Frozen base model, tokenizer and the folder they came from. Only safetensors weights are read."""
+    folder = resolve_model_path(cfg)
+    hf_config = AutoConfig.from_pretrained(folder, trust_remote_code=cfg.trust_remote_code)
+    if hf_config.model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(f"model.path: {folder} is a {hf_config.model_type!r} model; MoE-CL wraps gated MLPs "
+                         f"and supports {', '.join(SUPPORTED_MODEL_TYPES)}")
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=DTYPES[cfg.dtype], use_safetensors=True,
+                                                 trust_remote_code=cfg.trust_remote_code)
+    model.requires_grad_(False)
+    return model, load_tokenizer(folder, cfg.trust_remote_code), folder
+
+
+def base_fingerprint(folder: Path) -> str:
+    """A cheap identity of a base checkpoint: its config plus the names and sizes of its weight files.
+
+    Hashing 14 GB of weights per stage would cost minutes; shapes are checked separately on load.
+    """
+    h = hashlib.sha256()
+    h.update(json.dumps(json.loads((folder / "config.json").read_text()), sort_keys=True).encode())
+    for f in sorted(folder.glob("*.safetensors")):
+        h.update(f"{f.name}:{f.stat().st_size}".encode())
+    return h.hexdigest()

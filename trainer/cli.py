@@ -1,0 +1,66 @@
+"""Command line: `python -m trainer <verb> ...`.
+
+    sequence CONFIG [key=value ...]            every stage of data.order, skipping complete ones
+    stage CONFIG --stage K [key=value ...]     one stage, from stage K-1's output (one SLURM job)
+    evaluate CONFIG [--stage K] [key=value]    accuracy of stage K's experts (0 = untrained) per task
+    report RUN_DIR                             accuracy matrix, ACC / BWT / FWT of a run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from .checkpoint import CheckpointError
+from .config import ConfigError, load_config
+from .data import DataError
+
+USER_ERRORS = (ConfigError, DataError, CheckpointError, FileNotFoundError, ModuleNotFoundError)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m trainer", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="verb", required=True)
+    for verb, helptext in (("sequence", "train every stage of the order"), ("stage", "train one stage"),
+                           ("evaluate", "evaluate a stage's output on every task")):
+        sp = sub.add_parser(verb, help=helptext)
+        sp.add_argument("config", help="experiment YAML (see configs/)")
+        sp.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-4 data.order=[a,b]")
+        if verb == "stage":
+            sp.add_argument("--stage", type=int, required=True, help="1-based stage index in data.order")
+        if verb == "evaluate":
+            sp.add_argument("--stage", type=int, default=None, help="stage whose experts to load (default: last complete; 0: untrained)")
+            sp.add_argument("--split", choices=("test", "val"), default="test")
+            sp.add_argument("--json", action="store_true", help="print a JSON object instead of a line per task")
+    sp = sub.add_parser("report", help="print and write a run's accuracy matrix and metrics")
+    sp.add_argument("run_dir")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from . import recipe
+    from .distributed import make_strategy
+
+    try:
+        if args.verb == "report":
+            strategy = make_strategy(distributed=False)
+            return 0 if recipe.report(args.run_dir, None, strategy) is not None else 1
+        cfg = load_config(args.config, args.overrides)
+        strategy = make_strategy()
+        if args.verb == "sequence":
+            recipe.run_sequence(cfg, strategy)
+        elif args.verb == "stage":
+            recipe.run_stage(cfg, args.stage, strategy)
+        else:
+            result = recipe.evaluate_stage(cfg, args.stage, args.split, strategy)
+            if args.json:
+                strategy.print(json.dumps(result))
+        return 0
+    except USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2

@@ -1,0 +1,310 @@
+"""The experiment schema: grouped dataclasses read from YAML, with dotted command-line overrides.
+
+Every field has a type and a default (or is required); unknown keys and wrong types are errors,
+and every problem in a file is reported at once, each with what to change::
+
+    cfg = load_config("configs/tiny.yaml", ["train.lr=1e-4", "data.order=[agnews,yelp]"])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+TASK_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/default"
+    """Where stage outputs, metrics, TensorBoard logs and the resolved config go."""
+    seed: int = 0
+    """Seeds expert initialisation, data order, dropout and the validation split."""
+
+
+@dataclass
+class ModelConfig:
+    path: str = ""
+    """A local Hugging Face folder, or `builtin:<name>` (tiny-llama, tiny-qwen2, smollm2-135m-instruct)."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Dtype of the frozen base. Experts, gates and discriminator train in float32."""
+    trust_remote_code: bool = False
+    """Passed to `from_pretrained`; off unless you trust the model folder's code."""
+    cache_dir: str = "~/.cache/moe-cl/models"
+    """Where `builtin:` models are materialised once as plain Hugging Face folders."""
+
+
+@dataclass
+class ExpertsConfig:
+    rank: int = 8
+    """LoRA rank r of every expert (gate, up and down projections)."""
+    alpha: float = 16.0
+    """LoRA alpha; the update is scaled by alpha / rank."""
+    dropout: float = 0.05
+    """Dropout on each LoRA's input."""
+    gate: Literal["shared", "per_task"] = "shared"
+    """One token-wise gate per layer for all tasks (the reference), or one per task."""
+    discriminator: Literal["linear", "mlp"] = "linear"
+    """Per-layer task discriminator over the shared expert's pooled output."""
+    discriminator_hidden: int = 256
+    """Hidden width of the `mlp` discriminator."""
+    adversarial_weight: float = 0.1
+    """lambda: the gradient reversal scale. 0 gives the 'without GAN' ablation."""
+
+
+@dataclass
+class DataConfig:
+    root: str = "data/mtl5"
+    """Folder holding one sub-folder per task (CL_Benchmark JSON or instruction JSONL)."""
+    order: list[str] = field(default_factory=list)
+    """The task order: one stage per task, in this order."""
+    answer: Literal["letter", "label"] = "letter"
+    """Classification target: the option's letter, or the label text itself."""
+    max_length: int = 256
+    """Tokens per example; long texts are cut inside the text, never in the options or answer."""
+    val_fraction: float = 0.1
+    """Share of each task's train split held out (seeded) as its validation split."""
+    max_train_examples: Optional[int] = None
+    """Cap on train rows per task (a seeded, class-balanced subset); null keeps all."""
+    max_eval_examples: Optional[int] = None
+    """Cap on test (and validation) rows per task, the same rows after every stage; null keeps all."""
+    instructions: dict[str, str] = field(default_factory=dict)
+    """Per-task instruction text, overriding the built-in ones for MTL5 tasks."""
+    cache_dir: str = "~/.cache/moe-cl/datasets"
+    """Where tokenized datasets are cached (by content hash of data, tokenizer and template)."""
+
+
+@dataclass
+class TrainConfig:
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    epochs: int = 1
+    max_steps: Optional[int] = None
+    """Optimizer steps per stage; overrides `epochs` when set."""
+    micro_batch_size: int = 4
+    grad_accum: int = 1
+    warmup_ratio: float = 0.06
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    min_lr_ratio: float = 0.0
+    """The decay ends at lr * min_lr_ratio."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping; 0 disables it."""
+    log_every: int = 10
+    """Optimizer steps between TensorBoard points."""
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = 16
+    max_new_tokens: int = 32
+    """Greedy decoding budget for generative (JSONL) tasks."""
+    val: bool = True
+    """Evaluate the stage's task on its validation split after training (logged, never used to select)."""
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    experts: ExpertsConfig = field(default_factory=ExpertsConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+class ConfigError(ValueError):
+    """Every problem found in a config, one per line."""
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """Read a YAML experiment file, apply `a.b=value` overrides, type-check and validate."""
+    raw: dict = {}
+    source = "<defaults>"
+    if path is not None:
+        source = str(path)
+        try:
+            raw = yaml.safe_load(Path(path).read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: config file not found") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections (run, model, ...)")
+    errors: list[str] = []
+    for item in overrides:
+        _apply_override(raw, item, errors)
+    cfg = _build(Config, raw, "", errors)
+    bad_fields = {e.split(":")[0] for e in errors}  # fields left at defaults: skip their cross-checks
+    errors.extend(e for e in validate(cfg) if e.split(":")[0] not in bad_fields)
+    if errors:
+        raise ConfigError(f"{source}: {len(errors)} problem(s):\n" + "\n".join(f"  - {e}" for e in errors))
+    return cfg
+
+
+def validate(cfg: Config) -> list[str]:
+    """Cross-field checks; each message says what to change."""
+    errs = []
+    if not cfg.model.path:
+        errs.append("model.path: required (a local Hugging Face folder or builtin:<name>)")
+    if not cfg.data.order:
+        errs.append("data.order: required, the list of task names to learn in turn")
+    seen = set()
+    for name in cfg.data.order:
+        if not TASK_NAME.match(name):
+            errs.append(f"data.order: task name {name!r} may only use letters, digits, '_' and '-'")
+        if name in seen:
+            errs.append(f"data.order: task {name!r} is listed twice; each task is one stage")
+        seen.add(name)
+    if name_clash := ({"shared"} & seen):
+        errs.append(f"data.order: {sorted(name_clash)} is reserved for the shared expert; rename the task")
+    positive = {"experts.rank": cfg.experts.rank, "data.max_length": cfg.data.max_length,
+                "train.micro_batch_size": cfg.train.micro_batch_size, "train.grad_accum": cfg.train.grad_accum,
+                "train.epochs": cfg.train.epochs, "eval.batch_size": cfg.eval.batch_size,
+                "train.log_every": cfg.train.log_every, "train.lr": cfg.train.lr}
+    errs += [f"{k}: must be > 0, got {v}" for k, v in positive.items() if v <= 0]
+    for k, v in {"train.max_steps": cfg.train.max_steps, "data.max_train_examples": cfg.data.max_train_examples,
+                 "data.max_eval_examples": cfg.data.max_eval_examples}.items():
+        if v is not None and v <= 0:
+            errs.append(f"{k}: must be > 0 or null, got {v}")
+    for k, v in {"experts.dropout": cfg.experts.dropout, "train.warmup_ratio": cfg.train.warmup_ratio,
+                 "train.min_lr_ratio": cfg.train.min_lr_ratio}.items():
+        if not 0 <= v <= 1:
+            errs.append(f"{k}: must be in [0, 1], got {v}")
+    if not 0 < cfg.data.val_fraction < 1:
+        errs.append(f"data.val_fraction: must be in (0, 1), got {cfg.data.val_fraction}")
+    if cfg.experts.adversarial_weight < 0:
+        errs.append("experts.adversarial_weight: must be >= 0 (0 turns the adversarial term off)")
+    if cfg.train.max_grad_norm < 0:
+        errs.append("train.max_grad_norm: must be >= 0 (0 disables clipping)")
+    unknown = sorted(set(cfg.data.instructions) - seen)
+    if unknown:
+        errs.append(f"data.instructions: {unknown} not in data.order {cfg.data.order}")
+    return errs
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def from_dict(raw: dict, source: str = "<dict>") -> Config:
+    """Rebuild a config saved by `to_dict` (e.g. from a stage manifest)."""
+    errors: list[str] = []
+    cfg = _build(Config, raw, "", errors)
+    if errors:
+        raise ConfigError(f"{source}: " + "; ".join(errors))
+    return cfg
+
+
+def _apply_override(raw: dict, item: str, errors: list[str]) -> None:
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        errors.append(f"override {item!r}: expected section.field=value, e.g. train.lr=1e-4")
+        return
+    try:
+        parsed = yaml.safe_load(value) if value else ""
+    except yaml.YAMLError:
+        parsed = value
+    node = raw
+    parts = key.split(".")
+    for p in parts[:-1]:
+        child = node.setdefault(p, {})
+        if not isinstance(child, dict):
+            errors.append(f"override {item!r}: {p!r} is not a section")
+            return
+        node = child
+    node[parts[-1]] = parsed
+
+
+def _build(cls, raw: Any, prefix: str, errors: list[str]):
+    if not isinstance(raw, dict):
+        errors.append(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {type(raw).__name__}")
+        return cls()
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            errors.append(f"{prefix}{key}: unknown key{hint}; known: {sorted(names)}")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in raw:
+            continue
+        t = hints[f.name]
+        if dataclasses.is_dataclass(t):
+            kwargs[f.name] = _build(t, raw[f.name], f"{prefix}{f.name}.", errors)
+        else:
+            ok, value = _coerce(raw[f.name], t)
+            if ok:
+                kwargs[f.name] = value
+            else:
+                errors.append(f"{prefix}{f.name}: expected {_type_name(t)}, got {raw[f.name]!r}")
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, t) -> tuple[bool, Any]:
+    origin, args = typing.get_origin(t), typing.get_args(t)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return True, None
+        for a in args:
+            if a is not type(None):
+                ok, v = _coerce(value, a)
+                if ok:
+                    return True, v
+        return False, None
+    if origin is Literal:
+        return (value in args), value
+    if origin is list:
+        if isinstance(value, str):  # `data.order=agnews,yelp` on the command line
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            return False, None
+        items = [_coerce(v, args[0]) for v in value]
+        return all(ok for ok, _ in items), [v for _, v in items]
+    if origin is dict:
+        if not isinstance(value, dict):
+            return False, None
+        items = {str(k): _coerce(v, args[1]) for k, v in value.items()}
+        return all(ok for ok, _ in items.values()), {k: v for k, (_, v) in items.items()}
+    if t is bool:
+        return isinstance(value, bool), value
+    if t is int:
+        return (isinstance(value, int) and not isinstance(value, bool)), value
+    if t is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return True, float(value)
+        if isinstance(value, str):  # YAML 1.1 reads `1e-4` as a string
+            try:
+                return True, float(value)
+            except ValueError:
+                return False, None
+        return False, None
+    if t is str:
+        return isinstance(value, str), value
+    return False, None
+
+
+def _type_name(t) -> str:
+    origin, args = typing.get_origin(t), typing.get_args(t)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else _type_name(a) for a in args)
+    if origin is list:
+        return f"a list of {_type_name(args[0])}"
+    if origin is dict:
+        return f"a mapping of {_type_name(args[0])} to {_type_name(args[1])}"
+    return getattr(t, "__name__", str(t))

@@ -1,0 +1,342 @@
+"""Tasks: loading, validation, instruction formatting and tokenization.
+
+Two on-disk formats, one folder per task under `data.root`:
+
+- CL_Benchmark classification (MTL5, as O-LoRA/MoCL/MoE-CL ship it): `train.json` and `test.json`
+  (a JSON list of `{"sentence": str, "label": str}`) and `labels.json` (the ordered label list).
+- Instruction generation: `train.jsonl` and `test.jsonl`, one `{"instruction", "input", "output"}`
+  object per line; evaluated by greedy decoding and exact match.
+
+A classification row becomes an instruction (the task's instruction, the text, the labels as lettered
+options) answered by the option's letter or its label text; it goes through the tokenizer's chat
+template when there is one. Loss falls on the answer tokens only, and a long text is cut inside the
+text, never in the options or the answer. Tokenization runs through `datasets.map` with its cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import string
+import zlib
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+import datasets
+import torch
+
+from .config import DataConfig
+from .model import IGNORE
+
+INSTRUCTIONS = {  # MTL5 tasks; others get GENERIC_INSTRUCTION unless data.instructions sets one
+    "agnews": "What is the topic of this news article?",
+    "amazon": "How would the reviewer rate this product?",
+    "yelp": "How would the reviewer rate this business?",
+    "dbpedia": "What kind of entity does this Wikipedia article describe?",
+    "yahoo": "What is the topic of this question and answer?",
+}
+GENERIC_INSTRUCTION = "Choose the option that best describes the text."
+SENTINEL = "\u2063TEXT\u2063"  # marks where the (truncatable) text sits inside a rendered prompt
+FORMAT_VERSION = "1"  # bump when the prompt layout changes, to invalidate tokenization caches
+
+
+class DataError(ValueError):
+    """Bad task data; the message names the file, row and field."""
+
+
+@dataclass
+class Task:
+    """One task's validated rows. Classification rows: {"text", "label": int}; generation rows:
+    {"instruction", "text", "output"}."""
+
+    name: str
+    kind: str  # "classification" | "generation"
+    instruction: str
+    labels: list[str] | None
+    train: list[dict] = field(repr=False)
+    val: list[dict] = field(repr=False)
+    test: list[dict] = field(repr=False)
+    source: Path = Path()
+
+
+# -- loading and validation ---------------------------------------------------------------------
+
+def load_tasks(cfg: DataConfig, seed: int) -> list[Task]:
+    """Every task of `cfg.order`, validated, with its seeded validation split carved out of train."""
+    root = Path(cfg.root).expanduser()
+    if not root.is_dir():
+        raise DataError(f"data.root: {root.resolve()} is not a folder")
+    dup = sorted({t for t in cfg.order if cfg.order.count(t) > 1})
+    if dup:
+        raise DataError(f"data.order: {dup} listed more than once; each task is learned in one stage")
+    return [load_task(root / name, name, cfg, seed) for name in cfg.order]
+
+
+def load_task(folder: Path, name: str, cfg: DataConfig, seed: int) -> Task:
+    if (folder / "train.json").exists() or (folder / "labels.json").exists():
+        task = _load_classification(folder, name, cfg)
+    elif (folder / "train.jsonl").exists():
+        task = _load_generation(folder, name)
+    else:
+        raise DataError(f"task {name!r}: {folder} holds neither train.json + test.json + labels.json "
+                        f"(CL_Benchmark) nor train.jsonl + test.jsonl (instruction JSONL)")
+    rng = random.Random(_seed(seed, name, "val"))
+    order = list(range(len(task.train)))
+    rng.shuffle(order)
+    n_val = max(1, round(cfg.val_fraction * len(order)))
+    if len(order) - n_val < 1:
+        raise DataError(f"{folder}: train split has {len(order)} row(s), too few to hold out a validation split")
+    task.val = [task.train[i] for i in order[:n_val]]
+    task.train = [task.train[i] for i in order[n_val:]]
+    if cfg.max_train_examples:
+        task.train = subsample(task.train, cfg.max_train_examples, _seed(seed, name, "train"))
+    if cfg.max_eval_examples:  # same rows after every stage: seeded by the task alone
+        task.val = subsample(task.val, cfg.max_eval_examples, _seed(0, name, "val-subset"))
+        task.test = subsample(task.test, cfg.max_eval_examples, _seed(0, name, "test-subset"))
+    return task
+
+
+def _load_classification(folder: Path, name: str, cfg: DataConfig) -> Task:
+    labels = _read_json(folder / "labels.json")
+    if not (isinstance(labels, list) and labels and all(isinstance(x, str) and x for x in labels)):
+        raise DataError(f"{folder / 'labels.json'}: expected a non-empty JSON list of label strings")
+    if len(set(labels)) != len(labels):
+        raise DataError(f"{folder / 'labels.json'}: labels must be distinct")
+    if cfg.answer == "letter" and len(labels) > 26:
+        raise DataError(f"{folder / 'labels.json'}: {len(labels)} labels are more than 26 letters; set data.answer=label")
+    index = {label: i for i, label in enumerate(labels)}
+    splits = {}
+    for split in ("train", "test"):
+        path = folder / f"{split}.json"
+        rows = _read_json(path)
+        if not isinstance(rows, list):
+            raise DataError(f"{path}: expected a JSON list of {{\"sentence\", \"label\"}} objects")
+        if not rows:
+            raise DataError(f"{path}: the {split} split is empty")
+        out = []
+        for i, row in enumerate(rows):
+            where = f"{path}: row {i}"
+            if not isinstance(row, dict):
+                raise DataError(f"{where}: expected an object with 'sentence' and 'label'")
+            for key in ("sentence", "label"):
+                if not isinstance(row.get(key), str):
+                    raise DataError(f"{where}: field '{key}' is missing or not a string")
+            if row["label"] not in index:
+                raise DataError(f"{where}: field 'label' is {row['label']!r}, which is not in "
+                                f"{folder / 'labels.json'} {labels}")
+            out.append({"text": row["sentence"], "label": index[row["label"]], "ref": f"{split}.json row {i}"})
+        splits[split] = out
+    instruction = cfg.instructions.get(name) or INSTRUCTIONS.get(name, GENERIC_INSTRUCTION)
+    return Task(name, "classification", instruction, labels, splits["train"], [], splits["test"], folder)
+
+
+def _load_generation(folder: Path, name: str) -> Task:
+    splits = {}
+    for split in ("train", "test"):
+        path = folder / f"{split}.jsonl"
+        if not path.is_file():
+            raise DataError(f"task {name!r}: {path} is missing (instruction tasks need train.jsonl and test.jsonl)")
+        out = []
+        for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}: line {lineno}: not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}: line {lineno}: expected an object with instruction, input, output")
+            for key in ("instruction", "output"):
+                if not isinstance(row.get(key), str) or not row[key].strip():
+                    raise DataError(f"{path}: line {lineno}: field '{key}' is missing or empty")
+            if not isinstance(row.get("input", ""), str):
+                raise DataError(f"{path}: line {lineno}: field 'input' must be a string")
+            out.append({"instruction": row["instruction"], "text": row.get("input", ""), "output": row["output"],
+                        "ref": f"{split}.jsonl line {lineno}"})
+        if not out:
+            raise DataError(f"{path}: the {split} split is empty")
+        splits[split] = out
+    return Task(name, "generation", "", None, splits["train"], [], splits["test"], folder)
+
+
+def _read_json(path: Path):
+    if not path.is_file():
+        raise DataError(f"{path}: file is missing (a CL_Benchmark task needs train.json, test.json, labels.json)")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: line {e.lineno} column {e.colno}: not valid JSON ({e.msg})") from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e})") from None
+
+
+def subsample(rows: list[dict], n: int, seed: int) -> list[dict]:
+    """A seeded subset of `n` rows, class-balanced (round robin over shuffled classes) when labelled."""
+    if n >= len(rows):
+        return rows
+    rng = random.Random(seed)
+    by_class: dict[int, list[dict]] = {}
+    for r in rows:
+        by_class.setdefault(r.get("label", -1), []).append(r)
+    for group in by_class.values():
+        rng.shuffle(group)
+    picked, queues = [], [by_class[k] for k in sorted(by_class)]
+    while len(picked) < n:
+        for q in queues:
+            if q and len(picked) < n:
+                picked.append(q.pop())
+    rng.shuffle(picked)
+    return picked
+
+
+def _seed(seed: int, *parts: str) -> int:
+    return zlib.crc32("/".join([str(seed), *parts]).encode())
+
+
+# -- prompts and tokenization --------------------------------------------------------------------
+
+@dataclass
+class Encoded:
+    """A task split tokenized: rows with input_ids, labels (answer only), prompt_len, label, target."""
+
+    task: Task
+    split: str
+    rows: datasets.Dataset
+    options: list[list[int]] | None  # per class, the answer tokens scored at evaluation
+    eos: int  # ends every answer
+
+
+class PromptFormat:
+    """Turns task rows into token ids for one tokenizer: prompt, answer, and where the text may be cut."""
+
+    def __init__(self, tokenizer, cfg: DataConfig):
+        self.tok = tokenizer
+        self.cfg = cfg
+        self.chat = bool(getattr(tokenizer, "chat_template", None))
+        self.eos = tokenizer.eos_token_id
+        self.identity = _tokenizer_identity(tokenizer)
+
+    def option_answers(self, task: Task) -> list[str]:
+        if self.cfg.answer == "letter":
+            return list(string.ascii_uppercase[: len(task.labels)])
+        return list(task.labels)
+
+    def content(self, task: Task, row: dict) -> str:
+        """The user turn with SENTINEL where the row's text goes."""
+        if task.kind == "generation":
+            return row["instruction"] + ("\n\n" + SENTINEL if row["text"] else SENTINEL)
+        if self.cfg.answer == "letter":
+            options = "\n".join(f"{letter}. {label}" for letter, label in zip(string.ascii_uppercase, task.labels))
+            ask = "Answer with the letter of the correct option."
+        else:
+            options = "\n".join(f"- {label}" for label in task.labels)
+            ask = "Answer with the correct option."
+        return f"{task.instruction}\n\nText: {SENTINEL}\n\nOptions:\n{options}\n\n{ask}"
+
+    @lru_cache(maxsize=4096)
+    def frame(self, content: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Token ids before and after the text: chat template if any, else plain with BOS."""
+        if self.chat:
+            rendered = self.tok.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                                    add_generation_prompt=True)
+            bos = []
+        else:
+            rendered = content + "\nAnswer:"
+            bos = [self.tok.bos_token_id] if self.tok.bos_token_id is not None else []
+        before, after = rendered.split(SENTINEL)
+        enc = lambda s: self.tok(s, add_special_tokens=False)["input_ids"] if s else []  # noqa: E731
+        return tuple(bos + enc(before)), tuple(enc(after))
+
+    def answer_ids(self, answer: str) -> list[int]:
+        prefix = "" if self.chat else " "
+        return self.tok(prefix + answer, add_special_tokens=False)["input_ids"]
+
+    def encode_batch(self, task: Task, batch: dict) -> dict:
+        """datasets.map function (batched): rows -> input_ids, labels, prompt_len, label, target."""
+        n = len(batch["text"])
+        rows = [{k: batch[k][i] for k in batch} for i in range(n)]
+        texts = self.tok(batch["text"], add_special_tokens=False)["input_ids"]
+        if task.kind == "classification":
+            options = [self.answer_ids(a) for a in self.option_answers(task)]
+            reserve = max(len(o) for o in options) + 1
+            answers = [options[r["label"]] for r in rows]
+            targets = [""] * n
+        else:
+            answers = [self.answer_ids(r["output"]) for r in rows]
+            reserve = None
+            targets = [r["output"] for r in rows]
+        out = {"input_ids": [], "labels": [], "prompt_len": [], "label": [], "target": targets}
+        for i, row in enumerate(rows):
+            before, after = self.frame(self.content(task, row))
+            answer = answers[i] + [self.eos]
+            budget = self.cfg.max_length - len(before) - len(after) - (reserve or len(answer))
+            if budget < min(len(texts[i]), 1):
+                raise DataError(f"{task.source / row['ref']}: the prompt frame and answer need "
+                                f"{len(before) + len(after) + (reserve or len(answer))} tokens, more than "
+                                f"data.max_length={self.cfg.max_length}; raise data.max_length")
+            prompt = list(before) + texts[i][:budget] + list(after)
+            out["input_ids"].append(prompt + answer)
+            out["labels"].append([IGNORE] * len(prompt) + answer)
+            out["prompt_len"].append(len(prompt))
+            out["label"].append(row.get("label", -1))
+        return out
+
+    def encode(self, task: Task, split: str) -> Encoded:
+        rows = getattr(task, split)
+        key = hashlib.sha256(json.dumps([FORMAT_VERSION, self.identity, task.kind, task.instruction, task.labels,
+                                         self.cfg.answer, self.cfg.max_length, rows]).encode()).hexdigest()[:20]
+        cache = Path(self.cfg.cache_dir).expanduser() / f"{task.name}-{split}-{key}.arrow"
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        ds = datasets.Dataset.from_list(rows).map(
+            lambda b: self.encode_batch(task, b), batched=True, batch_size=256, remove_columns=list(rows[0]),
+            cache_file_name=str(cache), load_from_cache_file=True, desc=f"tokenize {task.name}/{split}")
+        options = [self.answer_ids(a) for a in self.option_answers(task)] if task.kind == "classification" else None
+        return Encoded(task, split, ds, options, self.eos)
+
+
+def _tokenizer_identity(tok) -> str:
+    backend = getattr(tok, "backend_tokenizer", None)
+    vocab = backend.to_str() if backend is not None else json.dumps(sorted(tok.get_vocab().items()))
+    extra = json.dumps([type(tok).__name__, getattr(tok, "chat_template", None), tok.bos_token_id, tok.eos_token_id])
+    return hashlib.sha256((vocab + extra).encode()).hexdigest()
+
+
+# -- batches ---------------------------------------------------------------------------------------
+
+def collate(rows: list[dict], pad_id: int, left: bool = False, keys=("input_ids", "labels")) -> dict:
+    """Pad `keys` of a list of rows to one tensor each (labels with IGNORE), plus attention_mask."""
+    width = max(len(r["input_ids"]) for r in rows)
+    out = {}
+    for key in keys:
+        fill = IGNORE if key == "labels" else pad_id
+        padded = []
+        for r in rows:
+            pad = [fill] * (width - len(r[key]))
+            padded.append(pad + list(r[key]) if left else list(r[key]) + pad)
+        out[key] = torch.tensor(padded, dtype=torch.long)
+    mask = [[0] * (width - len(r["input_ids"])) + [1] * len(r["input_ids"]) if left
+            else [1] * len(r["input_ids"]) + [0] * (width - len(r["input_ids"])) for r in rows]
+    out["attention_mask"] = torch.tensor(mask, dtype=torch.long)
+    return out
+
+
+def steps_per_epoch(n_rows: int, global_batch: int) -> int:
+    return n_rows // global_batch
+
+
+def step_batches(n_rows: int, step: int, micro: int, accum: int, world: int, rank: int, seed: int) -> list[list[int]]:
+    """Row indices of this rank's `accum` micro-batches for optimizer step `step`.
+
+    Each epoch is a seeded permutation cut into global batches of micro * accum * world rows
+    (the remainder is dropped). Micro-batch j of a global batch goes to rank j % world, so N ranks
+    with accumulation A see exactly the micro-batches of one rank with accumulation N * A.
+    """
+    global_batch = micro * accum * world
+    per_epoch = steps_per_epoch(n_rows, global_batch)
+    epoch, within = divmod(step, per_epoch)
+    order = torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+    rows = order[within * global_batch:(within + 1) * global_batch]
+    micro_batches = [rows[j * micro:(j + 1) * micro] for j in range(accum * world)]
+    return [mb for j, mb in enumerate(micro_batches) if j % world == rank]

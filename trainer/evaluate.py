@@ -1,0 +1,70 @@
+"""Task accuracy with the task id known: that task's expert (if learned) plus the shared expert.
+
+Classification compares the model's scores of the options: one forward pass per batch when every
+option is a single distinct token (the logit of each option's token after the prompt), otherwise
+the mean log-probability of each option's tokens. Generation: greedy decoding, exact match.
+Every rank evaluates its shard (padded to equal length) and the counts are all-reduced.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .data import Encoded, collate
+from .distributed import Strategy
+from .model import IGNORE, MoECLModel
+
+
+@torch.no_grad()
+def evaluate(model: MoECLModel, enc: Encoded, tokenizer, batch_size: int, max_new_tokens: int,
+             strategy: Strategy) -> dict:
+    """{"accuracy", "correct", "total"} of `model` on one encoded split, over all ranks."""
+    was_training = model.training
+    model.eval()
+    indices, valid = strategy.shard(len(enc.rows))
+    correct = 0
+    for start in range(0, len(indices), batch_size):
+        rows = [enc.rows[i] for i in indices[start:start + batch_size]]
+        keep = torch.tensor(valid[start:start + batch_size])
+        if enc.task.kind == "classification":
+            hits = _classify(model, enc, rows, tokenizer.pad_token_id) == torch.tensor([r["label"] for r in rows])
+        else:
+            hits = _generate(model, enc, rows, tokenizer, max_new_tokens, synced=strategy.world_size > 1)
+        correct += int((hits & keep).sum())
+    totals = strategy.all_reduce({"correct": correct, "total": int(sum(valid))})
+    model.train(was_training)
+    return {"accuracy": totals["correct"] / max(totals["total"], 1), "correct": int(totals["correct"]),
+            "total": int(totals["total"])}
+
+
+def single_token_options(options: list[list[int]]) -> bool:
+    return all(len(o) == 1 for o in options) and len({o[0] for o in options}) == len(options)
+
+
+def _classify(model: MoECLModel, enc: Encoded, rows: list[dict], pad_id: int) -> torch.Tensor:
+    """Predicted class per row: (batch,)"""
+    task = enc.task.name
+    prompts = [{"input_ids": r["input_ids"][: r["prompt_len"]]} for r in rows]
+    if single_token_options(enc.options):
+        batch = collate(prompts, pad_id, keys=("input_ids",))
+        hidden = model.hidden_states(batch["input_ids"], batch["attention_mask"], task)
+        last = batch["attention_mask"].sum(dim=1) - 1
+        logits = model.logits_at(hidden, last)
+        return logits[:, [o[0] for o in enc.options]].argmax(dim=-1).cpu()
+    # Multi-token options: the likelihood of each whole answer, end-of-answer token included.
+    batch = collate(prompts, pad_id, left=True, keys=("input_ids",))
+    answers = [o + [enc.eos] for o in enc.options]
+    width = max(len(a) for a in answers)
+    options = torch.tensor([a + [IGNORE] * (width - len(a)) for a in answers])
+    scores = model.option_logprobs(batch["input_ids"], batch["attention_mask"], options, task)
+    return scores.argmax(dim=-1).cpu()
+
+
+def _generate(model: MoECLModel, enc: Encoded, rows: list[dict], tokenizer, max_new_tokens: int,
+              synced: bool) -> torch.Tensor:
+    batch = collate([{"input_ids": r["input_ids"][: r["prompt_len"]]} for r in rows], tokenizer.pad_token_id,
+                    left=True, keys=("input_ids",))
+    new = model.generate(batch["input_ids"], batch["attention_mask"], enc.task.name, max_new_tokens,
+                         tokenizer.pad_token_id, tokenizer.eos_token_id, synced=synced)
+    texts = tokenizer.batch_decode(new, skip_special_tokens=True)
+    return torch.tensor([t.strip() == r["target"].strip() for t, r in zip(texts, rows)])

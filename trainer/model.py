@@ -1,0 +1,221 @@
+"""MoECLModel: a frozen Hugging Face decoder with MoE-CL layers in every MLP and per-layer discriminators.
+
+One batch is one task (training and evaluation both go task by task), so routing is per batch:
+the shared expert and that task's expert, or the shared expert alone for a task not learned yet.
+
+Training objective of a stage on task t (lambda = `experts.adversarial_weight`)::
+
+    L = L_task + L_D,   L_D = mean_layers CE(D_l(R_lambda(mean_tokens E_s(x))), t)
+
+where R_lambda is a gradient-reversal layer: the discriminators D_l minimise L_D, while
+everything upstream of them (the shared expert, gates, earlier layers) receives -lambda * dL_D.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ExpertsConfig
+from .moe import SHARED, Discriminator, MoECLMLP, Routing, reverse_gradient
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+IGNORE = -100
+
+
+@dataclass
+class StepOutput:
+    loss: torch.Tensor          # task loss + discriminator loss (through the reversal)
+    task_loss: torch.Tensor
+    disc_loss: torch.Tensor | None
+    disc_acc: torch.Tensor | None
+    gate_shared: list[float]    # per layer: mean gate weight on the shared expert
+    tokens: int                 # non-pad tokens in the batch
+
+
+def check_supported(base: nn.Module, source: str = "") -> None:
+    """Raise a clear error unless `base` is a decoder with gated MLPs that MoE-CL can wrap."""
+    model_type = getattr(base.config, "model_type", "?")
+    where = f" at {source}" if source else ""
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(f"model_type {model_type!r}{where} is not supported: MoE-CL wraps gated MLPs "
+                         f"(gate_proj, up_proj, down_proj, act_fn); supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+    for i, layer in enumerate(base.get_decoder().layers):
+        missing = [a for a in ("gate_proj", "up_proj", "down_proj", "act_fn") if not hasattr(layer.mlp, a)]
+        if missing:
+            raise ValueError(f"layer {i} of {model_type!r}{where} has an MLP without {missing}; "
+                             f"MoE-CL needs a gated MLP (supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
+
+
+class MoECLModel(nn.Module):
+    """The frozen base with MoE-CL layers; `tasks` is the whole order (the discriminators' classes)."""
+
+    def __init__(self, base: nn.Module, tasks: list[str], cfg: ExpertsConfig):
+        super().__init__()
+        check_supported(base)
+        base.requires_grad_(False)
+        self.base = base
+        self.tasks = list(tasks)
+        self.adversarial_weight = cfg.adversarial_weight
+        self.routing = Routing()
+        hidden = base.config.hidden_size
+        for i, layer in enumerate(base.get_decoder().layers):
+            mlp = layer.mlp
+            layer.mlp = MoECLMLP(mlp, i, self.routing, hidden=hidden, intermediate=mlp.gate_proj.out_features,
+                                 rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout, gate_mode=cfg.gate)
+        self.discriminators = nn.ModuleList(
+            Discriminator(hidden, len(self.tasks), cfg.discriminator, cfg.discriminator_hidden)
+            for _ in self.moe_layers)
+
+    @property
+    def moe_layers(self) -> list[MoECLMLP]:
+        return [layer.mlp for layer in self.base.get_decoder().layers]
+
+    @property
+    def learned_tasks(self) -> list[str]:
+        """Tasks that have an expert, in order."""
+        return [t for t in self.tasks if t in self.moe_layers[0].experts]
+
+    # -- what is trained and saved, declared by the modules themselves --------------------------
+
+    def add_task(self, task: str) -> None:
+        if task not in self.tasks:
+            raise KeyError(f"task {task!r} is not in this model's order {self.tasks}")
+        for layer in self.moe_layers:
+            layer.add_task(task)
+
+    def trainable_parameters(self, task: str) -> list[nn.Parameter]:
+        """The parameters a stage on `task` optimises: shared + task experts, gate(s), discriminators."""
+        modules = [m for layer in self.moe_layers for m in layer.trainable_modules(task)]
+        modules.append(self.discriminators)
+        return _unique(p for m in modules for p in m.parameters())
+
+    def freeze_all_but(self, task: str) -> list[nn.Parameter]:
+        """requires_grad only on `task`'s trainable parameters; returns them. Old experts stay frozen."""
+        self.requires_grad_(False)
+        params = self.trainable_parameters(task)
+        for p in params:
+            p.requires_grad_(True)
+        return params
+
+    def adapter_parameters(self) -> dict[str, nn.Parameter]:
+        """Every added parameter (all experts, gates, discriminators) by its saved name."""
+        named = {}
+        for i, layer in enumerate(self.moe_layers):
+            for prefix, module in layer.adapter_modules().items():
+                named.update({f"layers.{i}.{prefix}.{k}": p for k, p in module.named_parameters()})
+        named.update({f"discriminators.{k}": p for k, p in self.discriminators.named_parameters()})
+        return named
+
+    # -- forward passes ---------------------------------------------------------------------------
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+                task: str) -> StepOutput:
+        """A training step's forward. input_ids, attention_mask, labels: (batch, seq)."""
+        if task not in self.learned_tasks:
+            raise KeyError(f"task {task!r} has no expert yet; call add_task first")
+        adversarial = self.training
+        hidden = self.hidden_states(input_ids, attention_mask, task, collect=adversarial)
+        task_loss = self.answer_loss(hidden, labels)
+        disc_loss = disc_acc = None
+        loss = task_loss
+        if adversarial:
+            disc_loss, disc_acc = self.discriminator_loss(self.tasks.index(task), input_ids.shape[0])
+            loss = task_loss + disc_loss
+        gates = [self.routing.gate_shared[i].item() for i in sorted(self.routing.gate_shared)]
+        return StepOutput(loss, task_loss, disc_loss, disc_acc, gates, int(attention_mask.sum()))
+
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, task: str | None,
+                      collect: bool = False) -> torch.Tensor:
+        """Final hidden states (batch, seq, hidden) with `task` routed (None: shared expert only)."""
+        self._route(task, attention_mask, collect)
+        out = self.base.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        return out.last_hidden_state
+
+    def answer_loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Mean next-token cross-entropy over the labelled (answer) tokens only.
+
+        The vocabulary projection runs on those positions alone: (answer tokens, vocab) logits,
+        not (batch * seq, vocab).
+        """
+        targets = labels[:, 1:]
+        keep = targets != IGNORE
+        logits = self.base.get_output_embeddings()(hidden[:, :-1][keep])
+        return F.cross_entropy(logits.float(), targets[keep])
+
+    def logits_at(self, hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Vocabulary logits at one position per row. hidden: (batch, seq, hidden), positions: (batch,)"""
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        return self.base.get_output_embeddings()(hidden[rows, positions]).float()
+
+    @torch.no_grad()
+    def option_logprobs(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, options: torch.Tensor,
+                        task: str | None) -> torch.Tensor:
+        """log P(option | prompt) for every prompt and option: (batch, num_options).
+
+        The prompts (left-padded, (batch, seq)) run once; their key/value cache is repeated for
+        the options (right-padded with IGNORE, (num_options, len)), which run as one short batch.
+        """
+        self._route(task, prompt_mask, collect=False)
+        decoder, head = self.base.get_decoder(), self.base.get_output_embeddings()
+        b, k = prompt_ids.shape[0], options.shape[0]
+        positions = (prompt_mask.cumsum(-1) - 1).clamp_min(0)
+        out = decoder(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions, use_cache=True)
+        cache = out.past_key_values
+        cache.batch_repeat_interleave(k)
+        valid = (options != IGNORE).repeat(b, 1)  # (b*k, len)
+        ids = options.clamp_min(0).repeat(b, 1)
+        mask = torch.cat([prompt_mask.repeat_interleave(k, 0), valid.long()], dim=1)
+        cont_pos = positions[:, -1:].repeat_interleave(k, 0) + 1 + torch.arange(ids.shape[1], device=ids.device)
+        cont = decoder(input_ids=ids, attention_mask=mask, position_ids=cont_pos, past_key_values=cache,
+                       use_cache=False).last_hidden_state
+        # Token j of an option is predicted from the prompt's last state (j = 0) or option state j-1.
+        states = torch.cat([out.last_hidden_state[:, -1:].repeat_interleave(k, 0), cont[:, :-1]], dim=1)
+        logp = torch.log_softmax(head(states[valid]).float(), dim=-1).gather(1, ids[valid].unsqueeze(1)).squeeze(1)
+        rows = valid.nonzero()[:, 0]
+        return torch.zeros(b * k, device=logp.device).index_add_(0, rows, logp).view(b, k)
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, task: str | None,
+                 max_new_tokens: int, pad_token_id: int, eos_token_id: int, synced: bool = False) -> torch.Tensor:
+        """Greedy continuation of left-padded prompts; returns only the new tokens (batch, <= max_new)."""
+        self._route(task, attention_mask, collect=False)
+        out = self.base.generate(input_ids=input_ids, attention_mask=attention_mask, do_sample=False,
+                                 max_new_tokens=max_new_tokens, pad_token_id=pad_token_id,
+                                 eos_token_id=eos_token_id, synced_gpus=synced)
+        return out[:, input_ids.shape[1]:]
+
+    def discriminator_loss(self, task_index: int, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cross-entropy of every layer's discriminator on the pooled shared output, through the reversal."""
+        target = torch.full((batch,), task_index, dtype=torch.long)
+        losses, correct = [], []
+        for i, disc in enumerate(self.discriminators):
+            feats = reverse_gradient(self.routing.pooled[i], self.adversarial_weight)
+            logits = disc(feats).float()
+            target = target.to(logits.device)
+            losses.append(F.cross_entropy(logits, target))
+            correct.append((logits.argmax(-1) == target).float().mean())
+        return torch.stack(losses).mean(), torch.stack(correct).mean().detach()
+
+    def _route(self, task: str | None, mask: torch.Tensor, collect: bool) -> None:
+        if task is not None and task not in self.moe_layers[0].experts:
+            task = None  # not learned yet: the shared expert alone (used for forward transfer)
+        r = self.routing
+        r.task, r.mask, r.collect = task, mask, collect
+        r.pooled.clear()
+        r.gate_shared.clear()
+
+
+def _unique(params) -> list[nn.Parameter]:
+    seen, out = set(), []
+    for p in params:
+        if id(p) not in seen:
+            seen.add(id(p))
+            out.append(p)
+    return out
+
+
+__all__ = ["MoECLModel", "StepOutput", "check_supported", "SUPPORTED_MODEL_TYPES", "SHARED", "IGNORE"]

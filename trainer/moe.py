@@ -1,0 +1,198 @@
+r"""The MoE-CL layer: a frozen gated MLP with a shared LoRA expert and one LoRA expert per task.
+
+For a token x in a decoder layer whose MLP is ``W_down(act(W_gate x) * (W_up x))``::
+
+    proj_e(v) = W v + (alpha / r) B_e A_e dropout(v)              LoRA on gate, up and down
+    h_e       = act(gate_e(x)) * up_e(x)                          (intermediate,)
+    E_e(x)    = down_e(h_e)                                       (hidden,)
+    [g_s, g_t] = softmax(G x)                                     token-wise gate, G: (2, hidden)
+    y         = g_s E_s(x) + g_t E_t(x)                           s = shared, t = the batch's task
+
+Because ``W_down`` is linear and ``g_s + g_t = 1``, the mixture is computed exactly with one base
+down projection::
+
+    y = W_down(g_s h_s + g_t h_t) + g_s (alpha/r) B_ds A_ds h_s + g_t (alpha/r) B_dt A_dt h_t
+
+so a step costs one base MLP plus two rank-r updates, whatever the number of tasks learned.
+The base gate and up projections run once and are shared by both experts.
+
+The discriminator (in `model.py`) reads the mask-aware token mean of the shared expert's output
+``E_s(x)``. That mean is linear in ``h_s`` too, so it is computed from ``mean(h_s)`` in the same
+base down-projection call: ``mean(E_s) = W_down mean(h_s) + mean((alpha/r) B_ds A_ds h_s)``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+SHARED = "shared"
+ALL_TASKS_GATE = "all_tasks"
+
+
+class LoRA(nn.Module):
+    """The low-rank update ``(alpha/r) B A dropout(x)`` of one frozen linear layer.
+
+    Kept apart from the frozen layer so one base projection serves several experts. Trains in
+    float32 whatever the base dtype; the output is cast back to the input's dtype.
+    """
+
+    def __init__(self, in_features: int, out_features: int, rank: int, alpha: float, dropout: float):
+        super().__init__()
+        self.lora_a = nn.Parameter(torch.empty(rank, in_features))
+        self.lora_b = nn.Parameter(torch.zeros(out_features, rank))
+        nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
+        self.scaling = alpha / rank
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (..., in_features) -> (..., out_features)"""
+        z = self.dropout(x.to(self.lora_a.dtype))
+        return (F.linear(F.linear(z, self.lora_a), self.lora_b) * self.scaling).to(x.dtype)
+
+
+class Expert(nn.Module):
+    """One LoRA expert: updates to the gate, up and down projections of a gated MLP."""
+
+    def __init__(self, hidden: int, intermediate: int, rank: int, alpha: float, dropout: float):
+        super().__init__()
+        self.gate_proj = LoRA(hidden, intermediate, rank, alpha, dropout)
+        self.up_proj = LoRA(hidden, intermediate, rank, alpha, dropout)
+        self.down_proj = LoRA(intermediate, hidden, rank, alpha, dropout)
+
+
+class Gate(nn.Module):
+    """Token-wise softmax over [shared, task]: (..., hidden) -> (..., 2)."""
+
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.proj = nn.Linear(hidden, 2, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.proj(x.to(self.proj.weight.dtype)), dim=-1)
+
+
+@dataclass
+class Routing:
+    """What the current forward pass is for; one object shared by every MoE-CL layer of a model.
+
+    Set by `MoECLModel` before each forward (the Hugging Face decoder calls ``mlp(x)`` with no
+    other arguments). Layers write their per-layer statistics into it, keyed by layer index so
+    a recomputation (activation checkpointing) overwrites rather than appends.
+    """
+
+    task: str | None = None          # the task expert to mix in; None = the shared expert alone
+    mask: torch.Tensor | None = None  # (batch, seq) 1 for real tokens
+    collect: bool = False            # training: pooled shared output for the discriminator, gate stats
+    pooled: dict[int, torch.Tensor] = field(default_factory=dict)      # layer -> (batch, hidden)
+    gate_shared: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> scalar mean g_s
+
+
+class MoECLMLP(nn.Module):
+    """Replaces a decoder layer's MLP: the frozen base MLP plus keyed experts and gate(s).
+
+    Experts are keyed data (``experts[task_name]``, plus ``experts["shared"]``); a task's expert is
+    added when its stage starts. Only the shared expert and the routed task's expert run.
+    """
+
+    def __init__(self, base_mlp: nn.Module, layer_index: int, routing: Routing, hidden: int,
+                 intermediate: int, rank: int, alpha: float, dropout: float, gate_mode: str):
+        super().__init__()
+        self.base = base_mlp
+        self.layer_index = layer_index
+        self.routing = routing  # shared plain object, not a submodule
+        self.expert_args = dict(hidden=hidden, intermediate=intermediate, rank=rank, alpha=alpha, dropout=dropout)
+        self.gate_mode = gate_mode
+        self.experts = nn.ModuleDict({SHARED: Expert(**self.expert_args)})
+        self.gates = nn.ModuleDict()
+        if gate_mode == "shared":
+            self.gates[ALL_TASKS_GATE] = Gate(hidden)
+
+    def add_task(self, task: str) -> None:
+        """Create the task's expert (B = 0, so it starts as a no-op) and, per-task mode, its gate."""
+        if task not in self.experts:
+            self.experts[task] = Expert(**self.expert_args)
+        if self.gate_mode == "per_task" and task not in self.gates:
+            self.gates[task] = Gate(self.expert_args["hidden"])
+
+    def gate_for(self, task: str) -> Gate:
+        return self.gates[ALL_TASKS_GATE if self.gate_mode == "shared" else task]
+
+    def trainable_modules(self, task: str) -> list[nn.Module]:
+        """What a stage on `task` trains here: the shared expert, the task's expert, its gate."""
+        return [self.experts[SHARED], self.experts[task], self.gate_for(task)]
+
+    def adapter_modules(self) -> dict[str, nn.Module]:
+        """Everything this layer adds to the base, by state-dict prefix (what is saved)."""
+        return {"experts": self.experts, "gates": self.gates}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (batch, seq, hidden) -> (batch, seq, hidden)"""
+        base, route = self.base, self.routing
+        g, u = base.gate_proj(x), base.up_proj(x)  # the frozen projections, computed once
+        names = [SHARED] if route.task is None else [SHARED, route.task]
+        experts = [self.experts[n] for n in names]
+        h = [base.act_fn(g + e.gate_proj(x)) * (u + e.up_proj(x)) for e in experts]
+        lora_down = [e.down_proj(h_e) for e, h_e in zip(experts, h)]
+        if len(experts) == 1:
+            mixed, lora_mix = h[0], lora_down[0]
+        else:
+            w = self.gate_for(route.task)(x).to(x.dtype)  # (batch, seq, 2)
+            w_s, w_t = w[..., :1], w[..., 1:]
+            mixed = w_s * h[0] + w_t * h[1]
+            lora_mix = w_s * lora_down[0] + w_t * lora_down[1]
+            if route.collect:
+                route.gate_shared[self.layer_index] = masked_mean(w_s.detach().float(), route.mask).mean()
+        if not route.collect:
+            return base.down_proj(mixed) + lora_mix
+        # One call of the base down projection serves the mixture and the pooled shared output.
+        pooled_h = masked_mean(h[0], route.mask)  # (batch, intermediate)
+        flat = mixed.reshape(-1, mixed.shape[-1])
+        down = base.down_proj(torch.cat([flat, pooled_h.to(flat.dtype)]))
+        out, pooled_base = down[: flat.shape[0]].view(*mixed.shape[:-1], -1), down[flat.shape[0]:]
+        route.pooled[self.layer_index] = pooled_base + masked_mean(lora_down[0], route.mask)
+        return out + lora_mix
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean over the sequence of the real tokens. x: (batch, seq, d), mask: (batch, seq) -> (batch, d)"""
+    if mask is None:
+        return x.mean(dim=1)
+    m = mask.to(x.dtype).unsqueeze(-1)
+    return (x * m).sum(dim=1) / m.sum(dim=1).clamp_min(1)
+
+
+
+class GradientReversal(torch.autograd.Function):
+    """Identity forward; multiplies the gradient by -scale backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return -ctx.scale * grad, None
+
+
+def reverse_gradient(x: torch.Tensor, scale: float) -> torch.Tensor:
+    return GradientReversal.apply(x, scale)
+
+
+class Discriminator(nn.Module):
+    """Predicts the task id from a layer's pooled shared-expert output: (batch, hidden) -> (batch, tasks)."""
+
+    def __init__(self, hidden: int, num_tasks: int, kind: str, mlp_hidden: int):
+        super().__init__()
+        if kind == "linear":
+            self.net = nn.Linear(hidden, num_tasks)
+        else:
+            self.net = nn.Sequential(nn.Linear(hidden, mlp_hidden), nn.GELU(), nn.Linear(mlp_hidden, num_tasks))
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        return self.net(pooled.to(next(self.net.parameters()).dtype))

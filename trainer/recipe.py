@@ -1,0 +1,318 @@
+"""The continual-learning recipe: one stage per task, `setup -> train -> evaluate -> save`.
+
+Stage K loads the base, restores stage K-1's experts, adds task K's expert, trains it with the
+shared expert, gate(s) and discriminators (earlier task experts frozen), evaluates every task of
+the order, and writes `RUN_DIR/stages/<K>-<task>/` atomically. Stage 1 first evaluates the
+untrained model (the forward-transfer baseline).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import math
+import platform
+import random
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from . import atomic, checkpoint
+from .base import base_fingerprint, load_base
+from .checkpoint import ADAPTERS, MANIFEST, CheckpointError, RunDir, StageRecord
+from .config import Config, dump_yaml, to_dict
+from .data import Encoded, PromptFormat, collate, load_tasks, step_batches, steps_per_epoch
+from .distributed import Strategy
+from .evaluate import evaluate
+from .metrics import cl_metrics, format_table, heatmap
+from .model import MoECLModel
+from .monitor import Monitor
+
+
+@dataclass
+class Setup:
+    """Everything a stage works with, built by `setup_stage`."""
+
+    cfg: Config
+    k: int
+    task: str
+    model: MoECLModel
+    tokenizer: object
+    fmt: PromptFormat
+    tasks: dict
+    tests: dict[str, Encoded]
+    previous: StageRecord | None
+    base_folder: Path
+
+
+def run_sequence(cfg: Config, strategy: Strategy) -> dict:
+    """Every stage of the order; stages already complete (and built on their predecessor) are kept."""
+    run = RunDir(cfg.run.dir)
+    done = len(run.completed(cfg.data.order))
+    if done:
+        strategy.print(f"stages 1..{done} already complete in {run.root}; continuing from stage {done + 1}")
+    for k in range(done + 1, len(cfg.data.order) + 1):
+        run_stage(cfg, k, strategy)  # each stage ends by reporting the matrix so far
+    if done == len(cfg.data.order):
+        return report(run.root, cfg.data.order, strategy)
+    return json.loads((run.root / "metrics.json").read_text())
+
+
+def run_stage(cfg: Config, k: int, strategy: Strategy) -> StageRecord:
+    order = cfg.data.order
+    if not 1 <= k <= len(order):
+        raise ValueError(f"--stage {k}: the order {order} has stages 1..{len(order)}")
+    run = RunDir(cfg.run.dir)
+    if strategy.is_main():
+        atomic.write_text(run.root / "config.yaml", dump_yaml(cfg))
+    s = setup_stage(cfg, k, strategy)
+    monitor = Monitor(run.root / "tb", strategy.is_main())
+    t0 = time.time()
+    baseline = s.previous.manifest["baseline"] if s.previous else evaluate_tasks(s, strategy, "untrained model")
+    step0 = s.previous.manifest["global_step"] if s.previous else 0
+    train_stats = train_stage(s, strategy, monitor, step0)
+    test_acc = evaluate_tasks(s, strategy, f"after stage {k} ({s.task})")
+    val = None
+    if cfg.eval.val:
+        val = evaluate(s.model, s.fmt.encode(s.tasks[s.task], "val"), s.tokenizer, cfg.eval.batch_size,
+                       cfg.eval.max_new_tokens, strategy)["accuracy"]
+        strategy.print(f"validation accuracy on {s.task}: {val:.3f}")
+    record = save_stage(s, strategy, baseline, test_acc, val, train_stats, step0, time.time() - t0)
+    for t, acc in test_acc.items():
+        monitor.scalars(k, {f"eval/accuracy/{t}": acc})
+    report(run.root, order, strategy, monitor)
+    monitor.close()
+    return record
+
+
+def setup_stage(cfg: Config, k: int, strategy: Strategy) -> Setup:
+    order, task = cfg.data.order, cfg.data.order[k - 1]
+    run = RunDir(cfg.run.dir)
+    previous = run.require_stage(k - 1, order) if k > 1 else None
+    if previous is not None:
+        _check_compatible(previous, cfg)
+    tasks = {t.name: t for t in load_tasks(cfg.data, cfg.run.seed)}
+    model, tokenizer, folder = load_model(cfg, previous, strategy)
+    fmt = PromptFormat(tokenizer, cfg.data)
+    tests = {t: fmt.encode(tasks[t], "test") for t in order}
+    strategy.print(f"stage {k}/{len(order)}: {task} | base {folder} | from "
+                   f"{previous.folder if previous else 'the untrained model'}")
+    return Setup(cfg, k, task, model, tokenizer, fmt, tasks, tests, previous, folder)
+
+
+def load_model(cfg: Config, record: StageRecord | None, strategy: Strategy):
+    """The base with MoE-CL layers, holding `record`'s experts (none: the untrained model)."""
+    base, tokenizer, folder = load_base(cfg.model)
+    model = MoECLModel(base, cfg.data.order, cfg.experts)
+    if record is not None:
+        for t in record.manifest["learned"]:
+            model.add_task(t)
+        restore_adapters(model, record.read_adapters(), record.adapters, strategy)
+    return model, tokenizer, folder
+
+
+def evaluate_stage(cfg: Config, k: int | None, split: str, strategy: Strategy) -> dict:
+    """Accuracy per task of stage k's experts (k=0: the untrained model; None: the last complete stage)."""
+    run = RunDir(cfg.run.dir)
+    k = len(run.completed(cfg.data.order)) if k is None else k
+    record = run.require_stage(k, cfg.data.order) if k > 0 else None
+    model, tokenizer, _ = load_model(cfg, record, strategy)
+    fmt = PromptFormat(tokenizer, cfg.data)
+    accuracy = {}
+    for task in load_tasks(cfg.data, cfg.run.seed):
+        accuracy[task.name] = evaluate(model, fmt.encode(task, split), tokenizer, cfg.eval.batch_size,
+                                       cfg.eval.max_new_tokens, strategy)["accuracy"]
+        strategy.print(f"{task.name}: {accuracy[task.name]:.4f}")
+    return {"stage": k, "split": split, "accuracy": accuracy}
+
+
+def train_stage(s: Setup, strategy: Strategy, monitor: Monitor, step0: int) -> dict:
+    """The stage's training loop: task loss + adversarial discriminator loss, AdamW on the declared parameters."""
+    cfg, tc = s.cfg, s.cfg.train
+    seed_everything(cfg.run.seed * 1000 + s.k)
+    s.model.add_task(s.task)  # the new expert starts as a no-op (B = 0)
+    params = s.model.freeze_all_but(s.task)
+    train_set = s.fmt.encode(s.tasks[s.task], "train")
+    global_batch = tc.micro_batch_size * tc.grad_accum * strategy.world_size
+    per_epoch = steps_per_epoch(len(train_set.rows), global_batch)
+    if per_epoch == 0:
+        raise ValueError(f"task {s.task}: {len(train_set.rows)} train rows are fewer than one global batch "
+                         f"({tc.micro_batch_size} micro x {tc.grad_accum} accum x {strategy.world_size} ranks); "
+                         "lower train.micro_batch_size or train.grad_accum")
+    total = tc.max_steps or tc.epochs * per_epoch
+    optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total, tc))
+    engine = strategy.setup(s.model, optimizer, scheduler, tc.micro_batch_size, tc.grad_accum, tc.max_grad_norm)
+    s.model.train()
+    strategy.print(f"training {s.task}: {len(train_set.rows)} rows, {total} steps of {global_batch} "
+                   f"({per_epoch} per epoch), {sum(p.numel() for p in params):,} trainable parameters")
+    pad = s.tokenizer.pad_token_id
+    data_seed = cfg.run.seed * 1000 + s.k
+    window: dict[str, float] = {}
+    first_loss = last_loss = None
+    t_start = t_window = time.time()
+    bar = tqdm(range(total), desc=f"stage {s.k} {s.task}", disable=not strategy.is_main(), dynamic_ncols=True)
+    for step in bar:
+        for rows in step_batches(len(train_set.rows), step, tc.micro_batch_size, tc.grad_accum,
+                                 strategy.world_size, strategy.rank, data_seed):
+            batch = collate([train_set.rows[i] for i in rows], pad)
+            out = engine(batch["input_ids"], batch["attention_mask"], batch["labels"], s.task)
+            strategy.backward(out.loss)
+            _accumulate(window, out, 1 / tc.grad_accum)
+        grad_norm = strategy.optimizer_step()
+        window["grad_norm"] = window.get("grad_norm", 0.0) + grad_norm
+        window["steps"] = window.get("steps", 0) + 1
+        if (step + 1) % tc.log_every == 0 or step + 1 == total:
+            means = _window_means(window, strategy)
+            now = time.time()
+            means["tokens_per_s"] = means.pop("tokens") / max(now - t_window, 1e-9)
+            last_loss = means["task_loss"]
+            first_loss = last_loss if first_loss is None else first_loss
+            monitor.scalars(step0 + step + 1, {f"train/{k}": v for k, v in means.items() if not k.startswith("gate")})
+            monitor.scalars(step0 + step + 1, {f"gate_shared/layer_{k.split('_')[-1]}": v
+                                               for k, v in means.items() if k.startswith("gate")})
+            monitor.scalars(step0 + step + 1, {"train/lr": scheduler.get_last_lr()[0]})
+            bar.set_postfix(loss=f"{means['task_loss']:.3f}", disc=f"{means.get('disc_loss', 0):.3f}")
+            window, t_window = {}, now
+    return {"steps": total, "seconds": time.time() - t_start, "rows": len(train_set.rows),
+            "first_logged_task_loss": first_loss, "last_logged_task_loss": last_loss}
+
+
+def evaluate_tasks(s: Setup, strategy: Strategy, label: str) -> dict[str, float]:
+    """Test accuracy of every task of the order (tasks not learned yet use the shared expert alone)."""
+    acc = {}
+    for t, enc in s.tests.items():
+        acc[t] = evaluate(s.model, enc, s.tokenizer, s.cfg.eval.batch_size, s.cfg.eval.max_new_tokens,
+                          strategy)["accuracy"]
+    strategy.print(f"test accuracy, {label}: " + "  ".join(f"{t} {a:.3f}" for t, a in acc.items()))
+    return acc
+
+
+def save_stage(s: Setup, strategy: Strategy, baseline: dict, test_acc: dict, val: float | None,
+               train_stats: dict, step0: int, seconds: float) -> StageRecord:
+    """Write the stage folder (adapters + manifest + config) atomically; every rank returns its record."""
+    run = RunDir(s.cfg.run.dir)
+    tensors = strategy.full_tensors(s.model.adapter_parameters())  # a collective: on every rank
+    folder = run.stage_dir(s.k, s.task)
+    if strategy.is_main():
+        with atomic.staged_dir(folder) as tmp:
+            sha = checkpoint.save_adapters(tmp / ADAPTERS, tensors, {"format": "moe-cl", "stage": str(s.k)})
+            manifest = {
+                "stage": s.k, "task": s.task, "order": s.cfg.data.order, "learned": s.cfg.data.order[: s.k],
+                "config": to_dict(s.cfg),
+                "base_model": {"path": str(s.base_folder), "fingerprint": base_fingerprint(s.base_folder)},
+                "steps": train_stats["steps"], "global_step": step0 + train_stats["steps"],
+                "train": train_stats, "seconds": seconds, "world_size": strategy.world_size,
+                "eval": {"test_accuracy": test_acc, "val_accuracy": val},
+                "baseline": baseline,
+                "files": {ADAPTERS: sha},
+                "previous": ({"stage": s.previous.index, "sha256": s.previous.manifest["files"][ADAPTERS]}
+                             if s.previous else None),
+                "versions": _versions(),
+                "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            }
+            atomic.write_json(tmp / MANIFEST, manifest)
+            atomic.write_text(tmp / "config.yaml", dump_yaml(s.cfg))
+        strategy.print(f"stage {s.k} written to {folder}")
+    strategy.barrier()
+    return run.require_stage(s.k, s.cfg.data.order)
+
+
+def report(run_root: Path, order: list[str] | None, strategy: Strategy, monitor: Monitor | None = None) -> dict | None:
+    """Accuracy matrix, ACC/BWT/FWT of the complete stages: printed, and written as metrics.json + accuracy.png."""
+    run = RunDir(run_root)
+    if order is None:
+        order = _order_from_run(run)
+    stages = run.completed(order)
+    if not stages:
+        strategy.print(f"{run.root}: no complete stage yet")
+        return None
+    baseline = [stages[0].manifest["baseline"][t] for t in order]
+    accuracy = [[rec.manifest["eval"]["test_accuracy"][t] for t in order] for rec in stages]
+    summary = cl_metrics(accuracy, baseline)
+    metrics = {"tasks": order, "accuracy": accuracy, "baseline": baseline, **summary,
+               "stages_complete": len(stages)}
+    if strategy.is_main():
+        atomic.write_json(run.root / "metrics.json", metrics)
+        fig = heatmap(order, accuracy, baseline, run.root / "accuracy.png")
+        if monitor is not None:
+            monitor.scalars(len(stages), {"cl/ACC": summary["ACC"], "cl/BWT": summary["BWT"], "cl/FWT": summary["FWT"]})
+            monitor.figure("cl/accuracy_matrix", fig, len(stages))
+        strategy.print(format_table(order, accuracy, baseline, summary))
+    return metrics
+
+
+def restore_adapters(model: MoECLModel, tensors: dict[str, torch.Tensor], source: Path, strategy: Strategy) -> None:
+    named = model.adapter_parameters()
+    checkpoint.check_fits(tensors, {k: p.shape for k, p in named.items()}, source)
+    with torch.no_grad(), strategy.gathered(named.values(), modify=True):
+        for k, p in named.items():
+            p.copy_(tensors[k].to(p.dtype))
+
+
+def lr_lambda(total: int, tc):
+    warmup = int(round(tc.warmup_ratio * total))
+
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if tc.schedule == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total - warmup)
+        decay = 0.5 * (1 + math.cos(math.pi * progress)) if tc.schedule == "cosine" else 1 - progress
+        return tc.min_lr_ratio + (1 - tc.min_lr_ratio) * decay
+
+    return f
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _accumulate(window: dict, out, weight: float) -> None:
+    window["task_loss"] = window.get("task_loss", 0.0) + weight * out.task_loss.item()
+    if out.disc_loss is not None:
+        window["disc_loss"] = window.get("disc_loss", 0.0) + weight * out.disc_loss.item()
+        window["disc_acc"] = window.get("disc_acc", 0.0) + weight * out.disc_acc.item()
+    for i, g in enumerate(out.gate_shared):
+        window[f"gate_{i}"] = window.get(f"gate_{i}", 0.0) + weight * g
+    window["tokens"] = window.get("tokens", 0.0) + out.tokens
+
+
+def _window_means(window: dict, strategy: Strategy) -> dict:
+    steps = window.pop("steps")
+    tokens = window.pop("tokens")
+    means = strategy.all_reduce({k: v / steps for k, v in window.items()}, op="mean")
+    means["tokens"] = strategy.all_reduce({"tokens": tokens})["tokens"]
+    return means
+
+
+def _check_compatible(previous: StageRecord, cfg: Config) -> None:
+    """Stage K must use the experts config and base model of stage K-1."""
+    before = previous.manifest["config"]
+    diffs = [f"experts.{k}: {v!r} -> {getattr(cfg.experts, k)!r}" for k, v in before["experts"].items()
+             if k != "adversarial_weight" and getattr(cfg.experts, k) != v]
+    if before["model"]["path"] != cfg.model.path:
+        diffs.append(f"model.path: {before['model']['path']!r} -> {cfg.model.path!r}")
+    if diffs:
+        raise CheckpointError(f"{previous.folder / MANIFEST}: stage {previous.index} ran with another model/experts "
+                              f"config than this one ({'; '.join(diffs)}); use the same settings or a new run.dir")
+
+
+def _order_from_run(run: RunDir) -> list[str]:
+    manifests = sorted((run.root / "stages").glob(f"*/{MANIFEST}"))
+    if not manifests:
+        raise CheckpointError(f"{run.root}: no stage outputs (stages/*/{MANIFEST}); is this a run folder?")
+    return json.loads(manifests[0].read_text())["order"]
+
+
+def _versions() -> dict:
+    return {"python": platform.python_version(),
+            **{pkg: importlib.metadata.version(pkg) for pkg in ("torch", "transformers", "deepspeed", "datasets")}}
