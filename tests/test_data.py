@@ -206,7 +206,7 @@ def test_jsonl_errors_name_the_line(tmp_path):
 def test_prompt_that_cannot_fit_names_the_row(tmp_path, smollm2_tokenizer):
     cfg = _cfg(tmp_path, max_length=40)
     task = load_tasks(cfg, seed=0)[0]
-    with pytest.raises(DataError, match=r"agnews/test.json row \d+: the prompt frame and answer need \d+ tokens"):
+    with pytest.raises(DataError, match=r"agnews/test.json row \d+: the prompt frame and answer take \d+ of data.max_length=40 tokens"):
         PromptFormat(smollm2_tokenizer, cfg).encode(task, "test")
 
 

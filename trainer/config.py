@@ -76,6 +76,8 @@ class DataConfig:
     """Cap on train rows per task (a seeded, class-balanced subset); null keeps all."""
     max_eval_examples: Optional[int] = None
     """Cap on test (and validation) rows per task, the same rows after every stage; null keeps all."""
+    system_prompt: Optional[str] = None
+    """System message for chat templates; null keeps the template's default (SmolLM2 adds one)."""
     instructions: dict[str, str] = field(default_factory=dict)
     """Per-task instruction text, overriding the built-in ones for MTL5 tasks."""
     cache_dir: str = "~/.cache/moe-cl/datasets"

@@ -239,7 +239,8 @@ class PromptFormat:
     def frame(self, content: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """Token ids before and after the text: chat template if any, else plain with BOS."""
         if self.chat:
-            rendered = self.tok.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+            system = [] if self.cfg.system_prompt is None else [{"role": "system", "content": self.cfg.system_prompt}]
+            rendered = self.tok.apply_chat_template(system + [{"role": "user", "content": content}], tokenize=False,
                                                     add_generation_prompt=True)
             bos = []
         else:
@@ -273,9 +274,9 @@ class PromptFormat:
             answer = answers[i] + [self.eos]
             budget = self.cfg.max_length - len(before) - len(after) - (reserve or len(answer))
             if budget < min(len(texts[i]), 1):
-                raise DataError(f"{task.source / row['ref']}: the prompt frame and answer need "
-                                f"{len(before) + len(after) + (reserve or len(answer))} tokens, more than "
-                                f"data.max_length={self.cfg.max_length}; raise data.max_length")
+                raise DataError(f"{task.source / row['ref']}: the prompt frame and answer take "
+                                f"{len(before) + len(after) + (reserve or len(answer))} of data.max_length="
+                                f"{self.cfg.max_length} tokens, leaving no room for the text; raise data.max_length")
             prompt = list(before) + texts[i][:budget] + list(after)
             out["input_ids"].append(prompt + answer)
             out["labels"].append([IGNORE] * len(prompt) + answer)
@@ -286,7 +287,8 @@ class PromptFormat:
     def encode(self, task: Task, split: str) -> Encoded:
         rows = getattr(task, split)
         key = hashlib.sha256(json.dumps([FORMAT_VERSION, self.identity, task.kind, task.instruction, task.labels,
-                                         self.cfg.answer, self.cfg.max_length, rows]).encode()).hexdigest()[:20]
+                                         self.cfg.answer, self.cfg.max_length, self.cfg.system_prompt,
+                                         rows]).encode()).hexdigest()[:20]
         cache = Path(self.cfg.cache_dir).expanduser() / f"{task.name}-{split}-{key}.arrow"
         cache.parent.mkdir(parents=True, exist_ok=True)
         ds = datasets.Dataset.from_list(rows).map(
