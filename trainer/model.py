@@ -164,13 +164,13 @@ class MoECLModel(nn.Module):
         b, k = prompt_ids.shape[0], options.shape[0]
         positions = (prompt_mask.cumsum(-1) - 1).clamp_min(0)
         out = decoder(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions, use_cache=True)
-        cache = out.past_key_values
+        cache = out.cache
         cache.batch_repeat_interleave(k)
         valid = (options != IGNORE).repeat(b, 1)  # (b*k, len)
         ids = options.clamp_min(0).repeat(b, 1)
         mask = torch.cat([prompt_mask.repeat_interleave(k, 0), valid.long()], dim=1)
         cont_pos = positions[:, -1:].repeat_interleave(k, 0) + 1 + torch.arange(ids.shape[1], device=ids.device)
-        cont = decoder(input_ids=ids, attention_mask=mask, position_ids=cont_pos, past_key_values=cache,
+        cont = decoder(input_ids=ids, attention_mask=mask, position_ids=cont_pos, cache=cache,
                        use_cache=False).last_hidden_state
         # Token j of an option is predicted from the prompt's last state (j = 0) or option state j-1.
         states = torch.cat([out.last_hidden_state[:, -1:].repeat_interleave(k, 0), cont[:, :-1]], dim=1)
