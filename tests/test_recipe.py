@@ -160,3 +160,11 @@ def test_cli_errors_are_clear(tmp_path, model_cache):
     assert proc.returncode == 2 and "train.lr: expected float" in proc.stderr and "listed twice" in proc.stderr
     proc = run_cli("sequence", "configs/tiny.yaml", *o, f"model.path={tmp_path}", check=False)
     assert proc.returncode == 2 and "has no config.json" in proc.stderr
+
+
+def test_a_stage_is_deterministic_given_the_seed(tmp_path, model_cache):
+    for run in ("a", "b"):
+        run_cli("stage", "configs/tiny.yaml", *_overrides(tmp_path, model_cache, **{"run.dir": str(tmp_path / run)}),
+                "--stage", "1")
+    digest = [sha256_file(tmp_path / r / "stages" / "1-agnews" / "adapters.safetensors") for r in ("a", "b")]
+    assert digest[0] == digest[1]

@@ -10,14 +10,12 @@ import hashlib
 import json
 from pathlib import Path
 
-import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from . import builtin
 from .config import ModelConfig
+from .distributed import resolve_dtype
 from .model import SUPPORTED_MODEL_TYPES
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def resolve_model_path(cfg: ModelConfig) -> Path:
@@ -45,7 +43,7 @@ def load_base(cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBas
     if hf_config.model_type not in SUPPORTED_MODEL_TYPES:
         raise ValueError(f"model.path: {folder} is a {hf_config.model_type!r} model; MoE-CL wraps gated MLPs "
                          f"and supports {', '.join(SUPPORTED_MODEL_TYPES)}")
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=DTYPES[cfg.dtype], use_safetensors=True,
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=resolve_dtype(cfg.dtype), use_safetensors=True,
                                                  trust_remote_code=cfg.trust_remote_code)
     model.requires_grad_(False)
     return model, load_tokenizer(folder, cfg.trust_remote_code), folder

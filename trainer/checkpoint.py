@@ -6,6 +6,7 @@
         adapters.safetensors         every expert, gate and discriminator after stage K
         stage.json                   manifest: config, order, steps, metrics, file hashes
         config.yaml                  the resolved config this stage ran with
+      checkpoints/<K>-<task>/        mid-stage checkpoints of a stage in progress (resume: auto)
       metrics.json, accuracy.png     the accuracy matrix so far, with ACC / BWT / FWT
       tb/                            TensorBoard events
 
@@ -118,6 +119,10 @@ class RunDir:
 
     def stage_dir(self, k: int, task: str) -> Path:
         return self.root / "stages" / f"{k}-{task}"
+
+    def checkpoint_dir(self, k: int, task: str) -> Path:
+        """Mid-stage checkpoints of stage k (removed once the stage output is written)."""
+        return self.root / "checkpoints" / f"{k}-{task}"
 
     def stage(self, k: int, order: list[str]) -> StageRecord | None:
         """Stage k's record if it is complete, else None."""

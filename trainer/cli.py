@@ -41,17 +41,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    # The deepspeed launcher inserts --local_rank=N; LOCAL_RANK in the environment says the same.
+    argv = [a for a in argv if not a.startswith(("--local_rank=", "--local-rank="))]
     args = build_parser().parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    _quiet_libraries()
     from . import recipe
     from .distributed import make_strategy
 
     try:
         if args.verb == "report":
-            strategy = make_strategy(distributed=False)
+            strategy = make_strategy(None)
             return 0 if recipe.report(args.run_dir, None, strategy) is not None else 1
         cfg = load_config(args.config, args.overrides)
-        strategy = make_strategy()
+        strategy = make_strategy(cfg)
         if args.verb == "sequence":
             recipe.run_sequence(cfg, strategy)
         elif args.verb == "stage":
@@ -64,3 +68,17 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+
+
+def _quiet_libraries() -> None:
+    """Our own progress bar and log lines are the output; silence library bars and deprecation chatter."""
+    import warnings
+
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    # DeepSpeed calls torch.distributed APIs that warn on every call.
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")

@@ -34,8 +34,9 @@ class RunConfig:
 class ModelConfig:
     path: str = ""
     """A local Hugging Face folder, or `builtin:<name>` (tiny-llama, tiny-qwen2, smollm2-135m-instruct)."""
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    """Dtype of the frozen base. Experts, gates and discriminator train in float32."""
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """Dtype of the frozen base: auto = bfloat16 on GPU, float32 on CPU. Under DeepSpeed it is also
+    the training precision (bf16 on); expert, gate and discriminator master weights stay float32."""
     trust_remote_code: bool = False
     """Passed to `from_pretrained`; off unless you trust the model folder's code."""
     cache_dir: str = "~/.cache/moe-cl/models"
@@ -101,6 +102,10 @@ class TrainConfig:
     """Gradient clipping; 0 disables it."""
     log_every: int = 10
     """Optimizer steps between TensorBoard points."""
+    checkpoint_every: int = 0
+    """Optimizer steps between mid-stage checkpoints (RUN_DIR/checkpoints/); 0 = none."""
+    resume: Literal["auto", "never"] = "auto"
+    """auto: an interrupted stage continues from its last mid-stage checkpoint."""
 
 
 @dataclass
@@ -113,6 +118,18 @@ class EvalConfig:
 
 
 @dataclass
+class DistributedConfig:
+    strategy: Literal["auto", "local", "deepspeed"] = "auto"
+    """auto: DeepSpeed when started by a launcher (torchrun, deepspeed, srun: WORLD_SIZE is set),
+    else one plain PyTorch process. deepspeed: DeepSpeed even in a single process."""
+    ds_config: str = "ds_configs/zero3.json"
+    """The ZeRO choices (stage, offload, buckets). Batch sizes, accumulation, clipping and precision
+    are filled in from this experiment config."""
+    param_persistence_threshold: Optional[int] = None
+    """Overrides stage3_param_persistence_threshold (parameters below it are not sharded); 0 shards all."""
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -120,6 +137,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
 
 class ConfigError(ValueError):
@@ -167,6 +185,8 @@ def validate(cfg: Config) -> list[str]:
         seen.add(name)
     if name_clash := ({"shared"} & seen):
         errs.append(f"data.order: {sorted(name_clash)} is reserved for the shared expert; rename the task")
+    if cfg.train.checkpoint_every < 0:
+        errs.append("train.checkpoint_every: must be >= 0 (0 = no mid-stage checkpoints)")
     positive = {"experts.rank": cfg.experts.rank, "data.max_length": cfg.data.max_length,
                 "train.micro_batch_size": cfg.train.micro_batch_size, "train.grad_accum": cfg.train.grad_accum,
                 "train.epochs": cfg.train.epochs, "eval.batch_size": cfg.eval.batch_size,

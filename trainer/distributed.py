@@ -1,25 +1,42 @@
 """The one boundary for distributed concerns.
 
-The recipe, model and data code call only this interface: set up the trainable model, backward,
-optimizer step, all-reduce of a metrics dict, is-main, barrier, eval sharding, gathering full
-weights. `LocalStrategy` is the single-process implementation; it needs no launcher and no
-process group. Rank checks live here and nowhere else.
+The recipe, model and data code call only this interface: build the base (already partitioned
+under ZeRO-3), wrap the trainable model, backward, optimizer step, all-reduce of a metrics dict,
+is-main, barrier, evaluation sharding, full weights of (partitioned) parameters, mid-stage
+checkpoints. `LocalStrategy` is one plain PyTorch process and needs no launcher; `DeepSpeedStrategy`
+runs ZeRO (stage 3 by default) over every rank of a launcher. Rank checks live here and nowhere else.
+
+Collectives run on every rank; only writes are guarded by `is_main()`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
+import os
+import random
+import socket
+import sys
+from pathlib import Path
 from typing import Callable, Iterable
 
 import torch
 from torch import nn
 
+from . import atomic
+from .config import Config, ConfigError
+
+# Keys of a DeepSpeed config that come from the experiment config (train.* and model.dtype).
+FILLED_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+               "gradient_clipping", "bf16", "fp16")
+
 
 class Strategy:
-    """Single-process defaults; distributed strategies override what differs."""
+    """What every strategy offers; the defaults are those of a single process."""
 
     world_size = 1
     rank = 0
+    device = torch.device("cpu")
 
     def is_main(self) -> bool:
         return self.rank == 0
@@ -47,15 +64,24 @@ class Strategy:
         valid += [False] * (per_rank - len(valid))
         return idx, valid
 
-    def setup(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, micro_batch_size: int,
-              grad_accum: int, max_grad_norm: float) -> Callable:
+    def model_loading(self):
+        """Context in which the base model is built (ZeRO-3: partitioned as it is created)."""
+        return contextlib.nullcontext()
+
+    def setup(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, scheduler, cfg: Config) -> Callable:
+        """Wrap the model for training (optimizer None: for inference); returns what to call for a forward."""
+        raise NotImplementedError
+
+    def lr(self) -> float:
+        """The current learning rate."""
         raise NotImplementedError
 
     def backward(self, loss: torch.Tensor) -> None:
+        """Backward of one micro-batch's loss (scaled for accumulation)."""
         raise NotImplementedError
 
     def optimizer_step(self) -> float:
-        """Apply the accumulated gradients; returns the pre-clipping gradient norm."""
+        """End of an optimizer step (after `grad_accum` backwards); returns the gradient norm."""
         raise NotImplementedError
 
     def full_tensors(self, named: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
@@ -63,19 +89,35 @@ class Strategy:
         return {k: p.detach().float().cpu().clone() for k, p in named.items()}
 
     def gathered(self, params: Iterable[nn.Parameter], modify: bool = False):
-        """Context in which `params` hold their full values (written back on exit when `modify`);
-        nothing to do without ZeRO-3."""
+        """Context in which `params` hold their full values (written back on exit when `modify`)."""
         return contextlib.nullcontext()
+
+    def local_numel(self, p: nn.Parameter) -> tuple[int, int]:
+        """(elements this rank stores, elements of the full parameter)."""
+        return p.numel(), p.numel()
+
+    def save_checkpoint(self, folder: Path, tag: str, client_state: dict) -> None:
+        raise NotImplementedError
+
+    def load_checkpoint(self, folder: Path) -> dict | None:
+        """Restore the latest checkpoint under `folder` into the set-up model; its client state, or None."""
+        raise NotImplementedError
 
 
 class LocalStrategy(Strategy):
     """One process, plain PyTorch: gradient accumulation, clipping, AdamW, LR schedule."""
 
-    def setup(self, model, optimizer, scheduler, micro_batch_size, grad_accum, max_grad_norm):
-        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
-        self.grad_accum, self.max_grad_norm = grad_accum, max_grad_norm
-        self.params = [p for g in optimizer.param_groups for p in g["params"]]
+    def __init__(self):
+        self.device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+
+    def setup(self, model, optimizer, scheduler, cfg):
+        self.model, self.optimizer, self.scheduler = model.to(self.device), optimizer, scheduler
+        self.grad_accum, self.max_grad_norm = cfg.train.grad_accum, cfg.train.max_grad_norm
+        self.params = [p for g in optimizer.param_groups for p in g["params"]] if optimizer else []
         return model
+
+    def lr(self):
+        return self.scheduler.get_last_lr()[0]
 
     def backward(self, loss):
         (loss / self.grad_accum).backward()
@@ -88,7 +130,248 @@ class LocalStrategy(Strategy):
         self.optimizer.zero_grad(set_to_none=True)
         return float(norm)
 
+    def save_checkpoint(self, folder, tag, client_state):
+        from safetensors.torch import save_file
 
-def make_strategy(distributed: bool = True) -> Strategy:
-    """The strategy for this process. Single-process for now; `distributed=False` forces it."""
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        with atomic.staged_dir(folder / tag) as tmp:
+            save_file({names[id(p)]: p.detach().cpu().contiguous() for p in self.params}, tmp / "trainable.safetensors")
+            torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                        "client": client_state}, tmp / "state.pt")
+        atomic.write_text(folder / "latest", tag)
+
+    def load_checkpoint(self, folder):
+        if not (folder / "latest").is_file():
+            return None
+        from safetensors.torch import load_file
+
+        tag = (folder / "latest").read_text().strip()
+        tensors = load_file(folder / tag / "trainable.safetensors")
+        params = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for name, t in tensors.items():
+                params[name].copy_(t)
+        state = torch.load(folder / tag / "state.pt", weights_only=True, map_location="cpu")
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        return state["client"]
+
+
+class DeepSpeedStrategy(Strategy):
+    """DeepSpeed ZeRO over every rank of the launcher (gloo on CPU, NCCL on GPU).
+
+    The frozen base is created already partitioned (`HfDeepSpeedConfig` alive during
+    `from_pretrained`, so no rank ever holds all of it); experts, gates and discriminators are
+    added afterwards and partitioned by `deepspeed.initialize`. The optimizer is a plain
+    `torch.optim.AdamW` over the trainable parameters (DeepSpeed's CPU Adam with optimizer offload).
+    """
+
+    def __init__(self, cfg: Config):
+        import deepspeed
+        import torch.distributed as dist
+
+        _single_process_env()
+        cuda = torch.cuda.is_available()
+        if not cuda:
+            # The CPU accelerator builds a C++ shared-memory all-reduce op on first init (~70 s,
+            # 1.5 GB); it only serves inference all-reduce, which this trainer does not use.
+            comm_torch = sys.modules.get("deepspeed.comm.torch")
+            if comm_torch is not None:
+                comm_torch.build_shm_op = lambda: None
+        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", auto_mpi_discovery=False)
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        if cuda:
+            torch.cuda.set_device(local_rank)
+        self.device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+        self.ds_config = build_ds_config(cfg, self.world_size)
+        self.zero_stage = self.ds_config["zero_optimization"].get("stage", 0)
+        self.engine = None
+        self._hf_ds_config = None
+
+    def barrier(self):
+        import torch.distributed as dist
+
+        dist.barrier()
+
+    def all_reduce(self, metrics, op="sum"):
+        import torch.distributed as dist
+
+        keys = sorted(metrics)
+        t = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        if op == "mean":
+            t /= self.world_size
+        return dict(zip(keys, t.tolist()))
+
+    def model_loading(self):
+        if self.zero_stage == 3:
+            from transformers.integrations import HfDeepSpeedConfig
+
+            # Kept alive: while it exists, from_pretrained builds and loads under zero.Init.
+            self._hf_ds_config = HfDeepSpeedConfig(self.ds_config)
+        return contextlib.nullcontext()
+
+    def setup(self, model, optimizer, scheduler, cfg):
+        import deepspeed
+
+        if optimizer is None:  # inference: ZeRO-3 still has to install its gather hooks
+            self.engine, *_ = deepspeed.initialize(model=model, config=self.ds_config, dist_init_required=False)
+            return self.engine
+        if "offload_optimizer" in self.ds_config["zero_optimization"]:
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+            group = optimizer.param_groups[0]
+            optimizer = DeepSpeedCPUAdam([p for g in optimizer.param_groups for p in g["params"]], lr=group["lr"],
+                                         weight_decay=group["weight_decay"], adamw_mode=True)
+            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, scheduler.lr_lambdas[0])
+        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                                    config=self.ds_config, dist_init_required=False)
+        return self.engine
+
+    def lr(self):
+        return self.engine.get_lr()[0]
+
+    def backward(self, loss):
+        # engine.step() after every micro-batch: it counts micro-steps and only updates the
+        # weights (with clipping and the LR schedule) at the accumulation boundary.
+        self.engine.backward(loss)
+        self.engine.step()
+
+    def optimizer_step(self):
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else 0.0
+
+    def full_tensors(self, named):
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        out = {}
+        training = self.engine is not None and self.engine.optimizer is not None
+        for key, p in named.items():
+            # Trainable: the fp32 master value (not the bf16 working copy); frozen: the stored value.
+            t = safe_get_full_fp32_param(p) if training and p.requires_grad else None
+            if t is None:
+                with self.gathered([p]):
+                    t = p.detach().clone()
+            out[key] = t.float().cpu()
+        return out
+
+    def gathered(self, params, modify=False):
+        import deepspeed
+
+        params = [p for p in params if hasattr(p, "ds_id")]
+        if not params:
+            return contextlib.nullcontext()
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=0 if modify else None)
+
+    def local_numel(self, p):
+        if hasattr(p, "ds_tensor"):
+            return p.ds_tensor.numel(), p.ds_numel
+        return p.numel(), p.numel()
+
+    def save_checkpoint(self, folder, tag, client_state):
+        self.engine.save_checkpoint(str(folder), tag=tag, client_state=client_state, exclude_frozen_parameters=True)
+
+    def load_checkpoint(self, folder):
+        if not (folder / "latest").is_file():
+            return None
+        path, client = self.engine.load_checkpoint(str(folder), load_module_strict=False,
+                                                   load_optimizer_states=True, load_lr_scheduler_states=True)
+        return client if path is not None else None
+
+
+def build_ds_config(cfg: Config, world_size: int) -> dict:
+    """The DeepSpeed config: ZeRO choices from `distributed.ds_config`, everything else from `cfg`.
+
+    The one place where batch sizes, accumulation, clipping and precision enter DeepSpeed, with
+    train_batch_size == micro * world * accum checked here.
+    """
+    path = Path(cfg.distributed.ds_config)
+    if not path.is_file():
+        raise ConfigError(f"distributed.ds_config: {path} not found (see ds_configs/ for zero3.json, "
+                                "zero3_offload.json, zero2.json)")
+    try:
+        ds = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: line {e.lineno}: not valid JSON ({e.msg})") from None
+    zero = ds.setdefault("zero_optimization", {})
+    micro, accum = cfg.train.micro_batch_size, cfg.train.grad_accum
+    filled = {"train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": accum,
+              "train_batch_size": micro * accum * world_size, "gradient_clipping": cfg.train.max_grad_norm,
+              "bf16": {"enabled": resolve_dtype(cfg.model.dtype) == torch.bfloat16}}
+    errors = []
+    for key in FILLED_KEYS:
+        if key in ds and key in filled and ds[key] != filled[key]:
+            errors.append(f"'{key}' is {ds[key]!r} but the experiment config gives {filled[key]!r} "
+                          f"(train.micro_batch_size={micro} x world {world_size} x train.grad_accum={accum}); "
+                          "remove it from the DeepSpeed config, it is filled in from the experiment config")
+    if "fp16" in ds and ds["fp16"].get("enabled"):
+        errors.append("'fp16' is not supported (set model.dtype=bfloat16 for bf16 training)")
+    if "optimizer" in ds or "scheduler" in ds:
+        errors.append("'optimizer'/'scheduler' sections are not used: AdamW and the LR schedule come from train.*")
+    stage = zero.get("stage", 0)
+    if stage not in (0, 1, 2, 3):
+        errors.append(f"zero_optimization.stage must be 0-3, got {stage!r}")
+    if "offload_param" in zero and stage != 3:
+        errors.append(f"zero_optimization.offload_param needs stage 3 (this file has stage {stage})")
+    if errors:
+        raise ConfigError(f"{path}: " + "; ".join(errors))
+    ds.update(filled)
+    ds.setdefault("zero_allow_untested_optimizer", True)  # the client optimizer is torch's AdamW
+    ds.setdefault("steps_per_print", 1 << 30)
+    ds.setdefault("wall_clock_breakdown", False)
+    if cfg.distributed.param_persistence_threshold is not None:
+        zero["stage3_param_persistence_threshold"] = cfg.distributed.param_persistence_threshold
+    assert ds["train_batch_size"] == ds["train_micro_batch_size_per_gpu"] * world_size * ds["gradient_accumulation_steps"]
+    return ds
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
+
+
+def launched() -> bool:
+    """True under torchrun, the deepspeed launcher, or srun with the rendezvous variables set."""
+    return "WORLD_SIZE" in os.environ and "RANK" in os.environ
+
+
+def make_strategy(cfg: Config | None = None) -> Strategy:
+    """The strategy for this process (see `distributed.strategy`)."""
+    if cfg is None or cfg.distributed.strategy == "local":
+        return LocalStrategy()
+    if cfg.distributed.strategy == "deepspeed" or launched():
+        return DeepSpeedStrategy(cfg)
     return LocalStrategy()
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(_as_tuple(state["python"]))
+    torch.set_rng_state(state["torch"].cpu())
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"].cpu())
+
+
+def _as_tuple(x):
+    return tuple(_as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+def _single_process_env() -> None:
+    """Without a launcher, DeepSpeed falls back to MPI discovery; describe a world of one instead."""
+    if launched():
+        return
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
+                      MASTER_ADDR=os.environ.get("MASTER_ADDR", "127.0.0.1"))
+    if "MASTER_PORT" not in os.environ:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+

@@ -27,9 +27,11 @@ def evaluate(model: MoECLModel, enc: Encoded, tokenizer, batch_size: int, max_ne
         rows = [enc.rows[i] for i in indices[start:start + batch_size]]
         keep = torch.tensor(valid[start:start + batch_size])
         if enc.task.kind == "classification":
-            hits = _classify(model, enc, rows, tokenizer.pad_token_id) == torch.tensor([r["label"] for r in rows])
+            preds = _classify(model, enc, rows, tokenizer.pad_token_id, strategy.device)
+            hits = preds == torch.tensor([r["label"] for r in rows])
         else:
-            hits = _generate(model, enc, rows, tokenizer, max_new_tokens, synced=strategy.world_size > 1)
+            hits = _generate(model, enc, rows, tokenizer, max_new_tokens, strategy.device,
+                             synced=strategy.world_size > 1)
         correct += int((hits & keep).sum())
     totals = strategy.all_reduce({"correct": correct, "total": int(sum(valid))})
     model.train(was_training)
@@ -41,29 +43,31 @@ def single_token_options(options: list[list[int]]) -> bool:
     return all(len(o) == 1 for o in options) and len({o[0] for o in options}) == len(options)
 
 
-def _classify(model: MoECLModel, enc: Encoded, rows: list[dict], pad_id: int) -> torch.Tensor:
+def _classify(model: MoECLModel, enc: Encoded, rows: list[dict], pad_id: int,
+              device: torch.device = torch.device("cpu")) -> torch.Tensor:
     """Predicted class per row: (batch,)"""
     task = enc.task.name
     prompts = [{"input_ids": r["input_ids"][: r["prompt_len"]]} for r in rows]
     if single_token_options(enc.options):
-        batch = collate(prompts, pad_id, keys=("input_ids",))
+        batch = {k: v.to(device) for k, v in collate(prompts, pad_id, keys=("input_ids",)).items()}
         hidden = model.hidden_states(batch["input_ids"], batch["attention_mask"], task)
         last = batch["attention_mask"].sum(dim=1) - 1
         logits = model.logits_at(hidden, last)
         return logits[:, [o[0] for o in enc.options]].argmax(dim=-1).cpu()
     # Multi-token options: the likelihood of each whole answer, end-of-answer token included.
-    batch = collate(prompts, pad_id, left=True, keys=("input_ids",))
+    batch = {k: v.to(device) for k, v in collate(prompts, pad_id, left=True, keys=("input_ids",)).items()}
     answers = [o + [enc.eos] for o in enc.options]
     width = max(len(a) for a in answers)
-    options = torch.tensor([a + [IGNORE] * (width - len(a)) for a in answers])
+    options = torch.tensor([a + [IGNORE] * (width - len(a)) for a in answers], device=device)
     scores = model.option_logprobs(batch["input_ids"], batch["attention_mask"], options, task)
     return scores.argmax(dim=-1).cpu()
 
 
 def _generate(model: MoECLModel, enc: Encoded, rows: list[dict], tokenizer, max_new_tokens: int,
-              synced: bool) -> torch.Tensor:
+              device: torch.device, synced: bool) -> torch.Tensor:
     batch = collate([{"input_ids": r["input_ids"][: r["prompt_len"]]} for r in rows], tokenizer.pad_token_id,
                     left=True, keys=("input_ids",))
+    batch = {k: v.to(device) for k, v in batch.items()}
     new = model.generate(batch["input_ids"], batch["attention_mask"], enc.task.name, max_new_tokens,
                          tokenizer.pad_token_id, tokenizer.eos_token_id, synced=synced)
     texts = tokenizer.batch_decode(new, skip_special_tokens=True)

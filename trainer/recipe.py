@@ -8,11 +8,13 @@ untrained model (the forward-transfer baseline).
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import json
 import math
 import platform
 import random
+import shutil
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -27,7 +29,7 @@ from .base import base_fingerprint, load_base
 from .checkpoint import ADAPTERS, MANIFEST, CheckpointError, RunDir, StageRecord
 from .config import Config, dump_yaml, to_dict
 from .data import Encoded, PromptFormat, collate, load_tasks, step_batches, steps_per_epoch
-from .distributed import Strategy
+from .distributed import Strategy, rng_state, set_rng_state
 from .evaluate import evaluate
 from .metrics import cl_metrics, format_table, heatmap
 from .model import MoECLModel
@@ -48,6 +50,7 @@ class Setup:
     tests: dict[str, Encoded]
     previous: StageRecord | None
     base_folder: Path
+    restored: dict  # adapter tensors loaded from the previous stage (frozen ones are saved back as-is)
 
 
 def run_sequence(cfg: Config, strategy: Strategy) -> dict:
@@ -71,11 +74,13 @@ def run_stage(cfg: Config, k: int, strategy: Strategy) -> StageRecord:
     if strategy.is_main():
         atomic.write_text(run.root / "config.yaml", dump_yaml(cfg))
     s = setup_stage(cfg, k, strategy)
+    tr = prepare_training(s, strategy)
     monitor = Monitor(run.root / "tb", strategy.is_main())
     t0 = time.time()
+    # Stage 1's new expert is still a no-op here (B = 0): this is the untrained model.
     baseline = s.previous.manifest["baseline"] if s.previous else evaluate_tasks(s, strategy, "untrained model")
     step0 = s.previous.manifest["global_step"] if s.previous else 0
-    train_stats = train_stage(s, strategy, monitor, step0)
+    train_stats = train_stage(s, tr, strategy, monitor, step0)
     test_acc = evaluate_tasks(s, strategy, f"after stage {k} ({s.task})")
     val = None
     if cfg.eval.val:
@@ -97,23 +102,29 @@ def setup_stage(cfg: Config, k: int, strategy: Strategy) -> Setup:
     if previous is not None:
         _check_compatible(previous, cfg)
     tasks = {t.name: t for t in load_tasks(cfg.data, cfg.run.seed)}
-    model, tokenizer, folder = load_model(cfg, previous, strategy)
+    model, tokenizer, folder, restored = load_model(cfg, previous, strategy)
     fmt = PromptFormat(tokenizer, cfg.data)
     tests = {t: fmt.encode(tasks[t], "test") for t in order}
-    strategy.print(f"stage {k}/{len(order)}: {task} | base {folder} | from "
+    strategy.print(f"stage {k}/{len(order)}: {task} | base {folder} | {strategy.world_size} rank(s) | from "
                    f"{previous.folder if previous else 'the untrained model'}")
-    return Setup(cfg, k, task, model, tokenizer, fmt, tasks, tests, previous, folder)
+    return Setup(cfg, k, task, model, tokenizer, fmt, tasks, tests, previous, folder, restored)
 
 
 def load_model(cfg: Config, record: StageRecord | None, strategy: Strategy):
-    """The base with MoE-CL layers, holding `record`'s experts (none: the untrained model)."""
-    base, tokenizer, folder = load_base(cfg.model)
+    """The base with MoE-CL layers, holding `record`'s experts (none: the untrained model).
+
+    Returns (model, tokenizer, base folder, the adapter tensors restored)."""
+    with strategy.model_loading():
+        base, tokenizer, folder = load_base(cfg.model)
+    seed_everything(cfg.run.seed)  # shared expert and discriminator init: the same on every rank and run
     model = MoECLModel(base, cfg.data.order, cfg.experts)
+    tensors = {}
     if record is not None:
         for t in record.manifest["learned"]:
             model.add_task(t)
-        restore_adapters(model, record.read_adapters(), record.adapters, strategy)
-    return model, tokenizer, folder
+        tensors = record.read_adapters()
+        restore_adapters(model, tensors, record.adapters, strategy)
+    return model, tokenizer, folder, tensors  # strategy.setup places it on its device
 
 
 def evaluate_stage(cfg: Config, k: int | None, split: str, strategy: Strategy) -> dict:
@@ -121,7 +132,8 @@ def evaluate_stage(cfg: Config, k: int | None, split: str, strategy: Strategy) -
     run = RunDir(cfg.run.dir)
     k = len(run.completed(cfg.data.order)) if k is None else k
     record = run.require_stage(k, cfg.data.order) if k > 0 else None
-    model, tokenizer, _ = load_model(cfg, record, strategy)
+    model, tokenizer, _, _ = load_model(cfg, record, strategy)
+    strategy.setup(model, None, None, cfg)  # inference only (under ZeRO-3 this installs the gather hooks)
     fmt = PromptFormat(tokenizer, cfg.data)
     accuracy = {}
     for task in load_tasks(cfg.data, cfg.run.seed):
@@ -131,8 +143,20 @@ def evaluate_stage(cfg: Config, k: int | None, split: str, strategy: Strategy) -
     return {"stage": k, "split": split, "accuracy": accuracy}
 
 
-def train_stage(s: Setup, strategy: Strategy, monitor: Monitor, step0: int) -> dict:
-    """The stage's training loop: task loss + adversarial discriminator loss, AdamW on the declared parameters."""
+@dataclass
+class Training:
+    """The optimisation set-up of a stage, built by `prepare_training`."""
+
+    engine: object  # what to call for a training forward (the DeepSpeed engine, or the model)
+    params: list
+    train_set: Encoded
+    total: int
+    per_epoch: int
+    global_batch: int
+
+
+def prepare_training(s: Setup, strategy: Strategy) -> Training:
+    """Add the task's expert, freeze all else, build AdamW + schedule, and wrap the model."""
     cfg, tc = s.cfg, s.cfg.train
     seed_everything(cfg.run.seed * 1000 + s.k)
     s.model.add_task(s.task)  # the new expert starts as a no-op (B = 0)
@@ -147,20 +171,34 @@ def train_stage(s: Setup, strategy: Strategy, monitor: Monitor, step0: int) -> d
     total = tc.max_steps or tc.epochs * per_epoch
     optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total, tc))
-    engine = strategy.setup(s.model, optimizer, scheduler, tc.micro_batch_size, tc.grad_accum, tc.max_grad_norm)
+    engine = strategy.setup(s.model, optimizer, scheduler, cfg)
+    return Training(engine, params, train_set, total, per_epoch, global_batch)
+
+
+def train_stage(s: Setup, tr: Training, strategy: Strategy, monitor: Monitor, step0: int) -> dict:
+    """The stage's training loop: task loss + adversarial discriminator loss, AdamW on the declared parameters."""
+    cfg, tc = s.cfg, s.cfg.train
+    engine, train_set, total = tr.engine, tr.train_set, tr.total
     s.model.train()
-    strategy.print(f"training {s.task}: {len(train_set.rows)} rows, {total} steps of {global_batch} "
-                   f"({per_epoch} per epoch), {sum(p.numel() for p in params):,} trainable parameters")
+    seed_everything(cfg.run.seed * 1000 + s.k)  # the same dropout draws whether or not a baseline ran
+    ckpt_dir = RunDir(cfg.run.dir).checkpoint_dir(s.k, s.task)
+    fingerprint = _resume_fingerprint(s, strategy.world_size)
+    start = _resume(strategy, ckpt_dir, fingerprint, total) if tc.resume == "auto" else 0
+    strategy.print(f"training {s.task}: {len(train_set.rows)} rows, {total} steps of {tr.global_batch} "
+                   f"({tr.per_epoch} per epoch), {sum(p.numel() for p in tr.params):,} trainable parameters"
+                   + (f", resuming at step {start}" if start else ""))
     pad = s.tokenizer.pad_token_id
     data_seed = cfg.run.seed * 1000 + s.k
     window: dict[str, float] = {}
     first_loss = last_loss = None
     t_start = t_window = time.time()
-    bar = tqdm(range(total), desc=f"stage {s.k} {s.task}", disable=not strategy.is_main(), dynamic_ncols=True)
+    bar = tqdm(range(start, total), initial=start, total=total, desc=f"stage {s.k} {s.task}",
+               disable=not strategy.is_main(), dynamic_ncols=True)
     for step in bar:
         for rows in step_batches(len(train_set.rows), step, tc.micro_batch_size, tc.grad_accum,
                                  strategy.world_size, strategy.rank, data_seed):
             batch = collate([train_set.rows[i] for i in rows], pad)
+            batch = {k: v.to(strategy.device) for k, v in batch.items()}
             out = engine(batch["input_ids"], batch["attention_mask"], batch["labels"], s.task)
             strategy.backward(out.loss)
             _accumulate(window, out, 1 / tc.grad_accum)
@@ -176,11 +214,46 @@ def train_stage(s: Setup, strategy: Strategy, monitor: Monitor, step0: int) -> d
             monitor.scalars(step0 + step + 1, {f"train/{k}": v for k, v in means.items() if not k.startswith("gate")})
             monitor.scalars(step0 + step + 1, {f"gate_shared/layer_{k.split('_')[-1]}": v
                                                for k, v in means.items() if k.startswith("gate")})
-            monitor.scalars(step0 + step + 1, {"train/lr": scheduler.get_last_lr()[0]})
+            monitor.scalars(step0 + step + 1, {"train/lr": strategy.lr()})
             bar.set_postfix(loss=f"{means['task_loss']:.3f}", disc=f"{means.get('disc_loss', 0):.3f}")
             window, t_window = {}, now
-    return {"steps": total, "seconds": time.time() - t_start, "rows": len(train_set.rows),
+        if tc.checkpoint_every and (step + 1) % tc.checkpoint_every == 0 and step + 1 < total:
+            save_checkpoint(strategy, ckpt_dir, step + 1, fingerprint)
+    return {"steps": total, "resumed_at": start, "seconds": time.time() - t_start, "rows": len(train_set.rows),
             "first_logged_task_loss": first_loss, "last_logged_task_loss": last_loss}
+
+
+def save_checkpoint(strategy: Strategy, ckpt_dir: Path, step: int, fingerprint: str) -> None:
+    """A mid-stage checkpoint (trainable state, optimizer, scheduler, RNG, step); older ones are pruned."""
+    tag = f"step-{step:07d}"
+    strategy.save_checkpoint(ckpt_dir, tag, {"step": step, "rng": rng_state(), "fingerprint": fingerprint})
+    strategy.barrier()
+    if strategy.is_main():
+        for old in ckpt_dir.glob("step-*"):
+            if old.name != tag:
+                shutil.rmtree(old, ignore_errors=True)
+
+
+def _resume(strategy: Strategy, ckpt_dir: Path, fingerprint: str, total: int) -> int:
+    client = strategy.load_checkpoint(ckpt_dir)
+    if client is None:
+        return 0
+    if client.get("fingerprint") != fingerprint:
+        raise CheckpointError(f"{ckpt_dir}: the mid-stage checkpoint was written with other settings (config, "
+                              "previous stage or number of ranks); delete it or set train.resume=never")
+    set_rng_state(client["rng"])
+    strategy.print(f"resuming from {ckpt_dir / ('step-%07d' % client['step'])}")
+    return min(int(client["step"]), total)
+
+
+def _resume_fingerprint(s: Setup, world_size: int) -> str:
+    """What a mid-stage checkpoint must agree on to be resumed."""
+    c = to_dict(s.cfg)
+    for volatile in ("checkpoint_every", "resume", "log_every"):
+        c["train"].pop(volatile)
+    c.pop("eval")
+    previous = s.previous.manifest["files"][ADAPTERS] if s.previous else None
+    return hashlib.sha256(json.dumps([c, world_size, previous, s.k], sort_keys=True).encode()).hexdigest()
 
 
 def evaluate_tasks(s: Setup, strategy: Strategy, label: str) -> dict[str, float]:
@@ -197,11 +270,16 @@ def save_stage(s: Setup, strategy: Strategy, baseline: dict, test_acc: dict, val
                train_stats: dict, step0: int, seconds: float) -> StageRecord:
     """Write the stage folder (adapters + manifest + config) atomically; every rank returns its record."""
     run = RunDir(s.cfg.run.dir)
-    tensors = strategy.full_tensors(s.model.adapter_parameters())  # a collective: on every rank
+    named = s.model.adapter_parameters()
+    trainable = {k: p for k, p in named.items() if p.requires_grad}
+    # Frozen experts are written back exactly as they were loaded: bit-identical whatever the precision.
+    tensors = {k: s.restored[k] for k in named if k not in trainable}
+    tensors.update(strategy.full_tensors(trainable))  # a collective: on every rank
     folder = run.stage_dir(s.k, s.task)
     if strategy.is_main():
         with atomic.staged_dir(folder) as tmp:
-            sha = checkpoint.save_adapters(tmp / ADAPTERS, tensors, {"format": "moe-cl", "stage": str(s.k)})
+            # One metadata key: safetensors writes several in a per-process random (hash map) order.
+            sha = checkpoint.save_adapters(tmp / ADAPTERS, tensors, {"format": "moe-cl"})
             manifest = {
                 "stage": s.k, "task": s.task, "order": s.cfg.data.order, "learned": s.cfg.data.order[: s.k],
                 "config": to_dict(s.cfg),
@@ -218,6 +296,7 @@ def save_stage(s: Setup, strategy: Strategy, baseline: dict, test_acc: dict, val
             }
             atomic.write_json(tmp / MANIFEST, manifest)
             atomic.write_text(tmp / "config.yaml", dump_yaml(s.cfg))
+        shutil.rmtree(run.checkpoint_dir(s.k, s.task), ignore_errors=True)  # superseded by the stage output
         strategy.print(f"stage {s.k} written to {folder}")
     strategy.barrier()
     return run.require_stage(s.k, s.cfg.data.order)
@@ -249,7 +328,7 @@ def report(run_root: Path, order: list[str] | None, strategy: Strategy, monitor:
 
 def restore_adapters(model: MoECLModel, tensors: dict[str, torch.Tensor], source: Path, strategy: Strategy) -> None:
     named = model.adapter_parameters()
-    checkpoint.check_fits(tensors, {k: p.shape for k, p in named.items()}, source)
+    checkpoint.check_fits(tensors, {k: getattr(p, "ds_shape", p.shape) for k, p in named.items()}, source)
     with torch.no_grad(), strategy.gathered(named.values(), modify=True):
         for k, p in named.items():
             p.copy_(tensors[k].to(p.dtype))
