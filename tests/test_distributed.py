@@ -150,14 +150,28 @@ def test_adapter_file_round_trips_through_a_partitioned_model(tmp_path, model_ca
     assert len(metrics["accuracy"]) == 2
 
 
-def test_deepspeed_launcher(tmp_path, model_cache):
-    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(_free_port()), "--module", "trainer", "stage",
-           "configs/tiny.yaml", *_overrides(tmp_path, model_cache, "ds"), "--stage", "1"]
+def test_deepspeed_launcher_runs_a_sequence(tmp_path, model_cache):
+    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(_free_port()), "--module", "trainer", "sequence",
+           "configs/tiny.yaml", *_overrides(tmp_path, model_cache, "ds")]
     env = _env()
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env["PATH"]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-5000:]
-    assert _manifest(tmp_path, "ds")["world_size"] == 2
+    assert _manifest(tmp_path, "ds", "2-yelp")["world_size"] == 2
+    assert len(json.loads((tmp_path / "ds" / "metrics.json").read_text())["accuracy"]) == 2
+
+
+def test_offload_config_trains_like_zero3(tmp_path, model_cache):
+    """zero3_offload.json: parameters and optimizer state in CPU memory, DeepSpeed's CPU Adam
+    (compiled once, ~1 min, then cached)."""
+    torchrun(2, "stage", "configs/tiny.yaml", *_overrides(tmp_path, model_cache, "z3"), "--stage", "1")
+    torchrun(2, "stage", "configs/tiny.yaml", *_overrides(tmp_path, model_cache, "off", **{
+        "distributed.ds_config": "ds_configs/zero3_offload.json"}), "--stage", "1")
+    z3, off = _adapters(tmp_path, "z3"), _adapters(tmp_path, "off")
+    assert z3.keys() == off.keys()
+    for k in z3:
+        torch.testing.assert_close(off[k], z3[k], rtol=0, atol=1e-3)
+    assert any(torch.count_nonzero(off[k]) for k in off if k.endswith("lora_b"))
 
 
 def test_ds_config_errors_are_clear(tmp_path, model_cache):

@@ -148,7 +148,7 @@ class Training:
     """The optimisation set-up of a stage, built by `prepare_training`."""
 
     engine: object  # what to call for a training forward (the DeepSpeed engine, or the model)
-    params: list
+    n_trainable: int
     train_set: Encoded
     total: int
     per_epoch: int
@@ -171,8 +171,9 @@ def prepare_training(s: Setup, strategy: Strategy) -> Training:
     total = tc.max_steps or tc.epochs * per_epoch
     optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total, tc))
+    n_trainable = sum(p.numel() for p in params)  # before setup: ZeRO-3 then leaves empty local views
     engine = strategy.setup(s.model, optimizer, scheduler, cfg)
-    return Training(engine, params, train_set, total, per_epoch, global_batch)
+    return Training(engine, n_trainable, train_set, total, per_epoch, global_batch)
 
 
 def train_stage(s: Setup, tr: Training, strategy: Strategy, monitor: Monitor, step0: int) -> dict:
@@ -185,7 +186,7 @@ def train_stage(s: Setup, tr: Training, strategy: Strategy, monitor: Monitor, st
     fingerprint = _resume_fingerprint(s, strategy.world_size)
     start = _resume(strategy, ckpt_dir, fingerprint, total) if tc.resume == "auto" else 0
     strategy.print(f"training {s.task}: {len(train_set.rows)} rows, {total} steps of {tr.global_batch} "
-                   f"({tr.per_epoch} per epoch), {sum(p.numel() for p in tr.params):,} trainable parameters"
+                   f"({tr.per_epoch} per epoch), {tr.n_trainable:,} trainable parameters"
                    + (f", resuming at step {start}" if start else ""))
     pad = s.tokenizer.pad_token_id
     data_seed = cfg.run.seed * 1000 + s.k
