@@ -8,7 +8,7 @@ from .conftest import REPO
 
 
 def test_shipped_configs_load():
-    for name in ("tiny.yaml", "demo.yaml"):
+    for name in ("tiny.yaml", "demo.yaml", "mtl5_7b.yaml"):
         cfg = load_config(REPO / "configs" / name)
         assert cfg.data.order and cfg.model.path
 

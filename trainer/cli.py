@@ -3,6 +3,7 @@
     sequence CONFIG [key=value ...]            every stage of data.order, skipping complete ones
     stage CONFIG --stage K [key=value ...]     one stage, from stage K-1's output (one SLURM job)
     evaluate CONFIG [--stage K] [key=value]    accuracy of stage K's experts (0 = untrained) per task
+    submit CONFIG [key=value] [--dry-run]      one chained SLURM job per incomplete stage; prints job ids
     report RUN_DIR                             accuracy matrix, ACC / BWT / FWT of a run
 """
 
@@ -16,6 +17,7 @@ import sys
 from .checkpoint import CheckpointError
 from .config import ConfigError, load_config
 from .data import DataError
+from .distributed import EXIT_REQUEUE, Interrupted
 
 USER_ERRORS = (ConfigError, DataError, CheckpointError, FileNotFoundError, ModuleNotFoundError)
 
@@ -35,6 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--stage", type=int, default=None, help="stage whose experts to load (default: last complete; 0: untrained)")
             sp.add_argument("--split", choices=("test", "val"), default="test")
             sp.add_argument("--json", action="store_true", help="print a JSON object instead of a line per task")
+    sp = sub.add_parser("submit", help="submit every incomplete stage to SLURM, one chained job per stage")
+    sp.add_argument("config")
+    sp.add_argument("overrides", nargs="*")
+    sp.add_argument("--dry-run", action="store_true", help="print the sbatch commands instead of running them")
     sp = sub.add_parser("report", help="print and write a run's accuracy matrix and metrics")
     sp.add_argument("run_dir")
     return p
@@ -55,6 +61,12 @@ def main(argv: list[str] | None = None) -> int:
             strategy = make_strategy(None)
             return 0 if recipe.report(args.run_dir, None, strategy) is not None else 1
         cfg = load_config(args.config, args.overrides)
+        if args.verb == "submit":
+            from .slurm import submit
+
+            for line in submit(cfg, dry_run=args.dry_run):
+                print(line, flush=True)
+            return 0
         strategy = make_strategy(cfg)
         if args.verb == "sequence":
             recipe.run_sequence(cfg, strategy)
@@ -65,6 +77,9 @@ def main(argv: list[str] | None = None) -> int:
             if args.json:
                 strategy.print(json.dumps(result))
         return 0
+    except Interrupted as e:
+        strategy.print(str(e))
+        return EXIT_REQUEUE
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -130,6 +130,33 @@ class DistributedConfig:
 
 
 @dataclass
+class SlurmConfig:
+    """How `python -m trainer submit` asks SLURM for each stage job (one job per stage, chained)."""
+
+    nodes: int = 1
+    gpus_per_node: int = 0
+    """Ranks per node = GPUs per node; 0 runs `procs_per_node` CPU ranks per node instead."""
+    procs_per_node: int = 1
+    """CPU ranks per node when gpus_per_node is 0."""
+    partition: Optional[str] = None
+    account: Optional[str] = None
+    time: str = "04:00:00"
+    """Walltime per stage job (HH:MM:SS or D-HH:MM:SS)."""
+    signal_seconds: int = 300
+    """USR1 this long before the walltime: the trainer checkpoints and the job requeues itself.
+    Must cover one training step plus writing a checkpoint."""
+    cpus_per_task: Optional[int] = None
+    mem: Optional[str] = None
+    job_name: str = "moecl"
+    extra: list[str] = field(default_factory=list)
+    """Further sbatch options, e.g. ["--qos=high", "--constraint=a100"]."""
+    setup: list[str] = field(default_factory=list)
+    """Shell lines run before the launch on the head node, e.g. ["module load cuda/12.1"]."""
+    python: Optional[str] = None
+    """Python on the compute nodes; default: the one running `submit`."""
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -138,6 +165,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
 
 
 class ConfigError(ValueError):
@@ -185,6 +213,14 @@ def validate(cfg: Config) -> list[str]:
         seen.add(name)
     if name_clash := ({"shared"} & seen):
         errs.append(f"data.order: {sorted(name_clash)} is reserved for the shared expert; rename the task")
+    for k, v in {"slurm.nodes": cfg.slurm.nodes, "slurm.procs_per_node": cfg.slurm.procs_per_node,
+                 "slurm.signal_seconds": cfg.slurm.signal_seconds}.items():
+        if v <= 0:
+            errs.append(f"{k}: must be > 0, got {v}")
+    if cfg.slurm.gpus_per_node < 0:
+        errs.append(f"slurm.gpus_per_node: must be >= 0, got {cfg.slurm.gpus_per_node}")
+    if not re.match(r"^(\d+-)?\d{1,2}:\d{2}:\d{2}$", cfg.slurm.time):
+        errs.append(f"slurm.time: {cfg.slurm.time!r} is not HH:MM:SS or D-HH:MM:SS")
     if cfg.train.checkpoint_every < 0:
         errs.append("train.checkpoint_every: must be >= 0 (0 = no mid-stage checkpoints)")
     positive = {"experts.rank": cfg.experts.rank, "data.max_length": cfg.data.max_length,

@@ -15,8 +15,10 @@ import contextlib
 import json
 import os
 import random
+import signal
 import socket
 import sys
+import threading
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -31,12 +33,32 @@ FILLED_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_a
                "gradient_clipping", "bf16", "fp16")
 
 
+EXIT_REQUEUE = 75  # EX_TEMPFAIL: stopped on request with a checkpoint written; run again to continue
+
+
+class Interrupted(Exception):
+    """Training stopped on SIGUSR1 (walltime near) after writing a mid-stage checkpoint."""
+
+
 class Strategy:
     """What every strategy offers; the defaults are those of a single process."""
 
     world_size = 1
     rank = 0
     device = torch.device("cpu")
+    _signalled = False
+
+    def watch_stop_signal(self) -> None:
+        """SIGUSR1 (SLURM's warning before the walltime) asks training to checkpoint and stop."""
+        def handler(signum, frame):
+            self._signalled = True
+
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGUSR1, handler)
+
+    def stop_requested(self) -> bool:
+        """True on every rank once any rank got SIGUSR1 (a collective: call on every rank)."""
+        return self._signalled
 
     def is_main(self) -> bool:
         return self.rank == 0
@@ -232,6 +254,10 @@ class DeepSpeedStrategy(Strategy):
     def lr(self):
         return self.engine.get_lr()[0]
 
+    def stop_requested(self):
+        # Ranks receive the signal at different moments: agree on it so all stop at the same step.
+        return self.all_reduce({"stop": float(self._signalled)})["stop"] > 0
+
     def backward(self, loss):
         # engine.step() after every micro-batch: it counts micro-steps and only updates the
         # weights (with clipping and the LR schedule) at the accumulation boundary.
@@ -338,12 +364,14 @@ def launched() -> bool:
 
 
 def make_strategy(cfg: Config | None = None) -> Strategy:
-    """The strategy for this process (see `distributed.strategy`)."""
-    if cfg is None or cfg.distributed.strategy == "local":
-        return LocalStrategy()
-    if cfg.distributed.strategy == "deepspeed" or launched():
-        return DeepSpeedStrategy(cfg)
-    return LocalStrategy()
+    """The strategy for this process (see `distributed.strategy`), watching for SIGUSR1."""
+    if cfg is not None and (cfg.distributed.strategy == "deepspeed" or
+                            (cfg.distributed.strategy == "auto" and launched())):
+        strategy = DeepSpeedStrategy(cfg)
+    else:
+        strategy = LocalStrategy()
+    strategy.watch_stop_signal()
+    return strategy
 
 
 def rng_state() -> dict:

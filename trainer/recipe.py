@@ -29,7 +29,7 @@ from .base import base_fingerprint, load_base
 from .checkpoint import ADAPTERS, MANIFEST, CheckpointError, RunDir, StageRecord
 from .config import Config, dump_yaml, to_dict
 from .data import Encoded, PromptFormat, collate, load_tasks, step_batches, steps_per_epoch
-from .distributed import Strategy, rng_state, set_rng_state
+from .distributed import Interrupted, Strategy, rng_state, set_rng_state
 from .evaluate import evaluate
 from .metrics import cl_metrics, format_table, heatmap
 from .model import MoECLModel
@@ -218,6 +218,10 @@ def train_stage(s: Setup, tr: Training, strategy: Strategy, monitor: Monitor, st
             monitor.scalars(step0 + step + 1, {"train/lr": strategy.lr()})
             bar.set_postfix(loss=f"{means['task_loss']:.3f}", disc=f"{means.get('disc_loss', 0):.3f}")
             window, t_window = {}, now
+        if strategy.stop_requested():  # SIGUSR1: the walltime is near
+            save_checkpoint(strategy, ckpt_dir, step + 1, fingerprint)
+            raise Interrupted(f"stage {s.k} ({s.task}) stopped on SIGUSR1 after step {step + 1}/{total}; "
+                              f"checkpoint in {ckpt_dir}; run the stage again to continue")
         if tc.checkpoint_every and (step + 1) % tc.checkpoint_every == 0 and step + 1 < total:
             save_checkpoint(strategy, ckpt_dir, step + 1, fingerprint)
     return {"steps": total, "resumed_at": start, "seconds": time.time() - t_start, "rows": len(train_set.rows),
