@@ -160,6 +160,13 @@ def test_cli_errors_are_clear(tmp_path, model_cache):
     assert proc.returncode == 2 and "train.lr: expected float" in proc.stderr and "listed twice" in proc.stderr
     proc = run_cli("sequence", "configs/tiny.yaml", *o, f"model.path={tmp_path}", check=False)
     assert proc.returncode == 2 and "has no config.json" in proc.stderr
+    from transformers import GPT2Config
+
+    GPT2Config(n_layer=1, n_embd=32, n_head=2).save_pretrained(tmp_path / "gpt2")
+    proc = run_cli("sequence", "configs/tiny.yaml", *o, f"model.path={tmp_path / 'gpt2'}", check=False)
+    assert proc.returncode == 2 and "is a 'gpt2' model" in proc.stderr and "llama, mistral, qwen2, qwen3" in proc.stderr
+    proc = run_cli("stage", "configs/tiny.yaml", *o, "--stage", "3", check=False)
+    assert proc.returncode == 2 and "has stages 1..2" in proc.stderr
 
 
 def test_a_stage_is_deterministic_given_the_seed(tmp_path, model_cache):

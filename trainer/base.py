@@ -13,7 +13,7 @@ from pathlib import Path
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from . import builtin
-from .config import ModelConfig
+from .config import ConfigError, ModelConfig
 from .distributed import resolve_dtype
 from .model import SUPPORTED_MODEL_TYPES
 
@@ -41,7 +41,7 @@ def load_base(cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBas
     folder = resolve_model_path(cfg)
     hf_config = AutoConfig.from_pretrained(folder, trust_remote_code=cfg.trust_remote_code)
     if hf_config.model_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(f"model.path: {folder} is a {hf_config.model_type!r} model; MoE-CL wraps gated MLPs "
+        raise ConfigError(f"model.path: {folder} is a {hf_config.model_type!r} model; MoE-CL wraps gated MLPs "
                          f"and supports {', '.join(SUPPORTED_MODEL_TYPES)}")
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=resolve_dtype(cfg.dtype), use_safetensors=True,
                                                  trust_remote_code=cfg.trust_remote_code)

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from . import atomic
+from .config import ConfigError
 
 NAMES = ("tiny-llama", "tiny-qwen2", "smollm2-135m-instruct")
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -31,7 +32,7 @@ MARKER = "moe_cl_builtin.json"
 def materialize(name: str, cache_dir: Path) -> Path:
     """Return the folder of builtin model `name`, building it on first use (atomically)."""
     if name not in NAMES:
-        raise ValueError(f"model.path: unknown builtin:{name}; available: {', '.join('builtin:' + n for n in NAMES)}")
+        raise ConfigError(f"model.path: unknown builtin:{name}; available: {', '.join('builtin:' + n for n in NAMES)}")
     folder = cache_dir / name
     stamp = json.dumps({"name": name, "version": VERSION})
     if _read(folder / MARKER) == stamp:

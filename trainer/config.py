@@ -98,6 +98,9 @@ class TrainConfig:
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
     min_lr_ratio: float = 0.0
     """The decay ends at lr * min_lr_ratio."""
+    shared_expert_lr_scale: float = 1.0
+    """Learning-rate multiplier of the shared expert (1 = the reference). The shared expert is
+    retrained on every task; a lower rate keeps more of what earlier tasks' gates mix in."""
     max_grad_norm: float = 1.0
     """Gradient clipping; 0 disables it."""
     log_every: int = 10
@@ -232,6 +235,8 @@ def validate(cfg: Config) -> list[str]:
                  "data.max_eval_examples": cfg.data.max_eval_examples}.items():
         if v is not None and v <= 0:
             errs.append(f"{k}: must be > 0 or null, got {v}")
+    if cfg.train.shared_expert_lr_scale < 0:
+        errs.append("train.shared_expert_lr_scale: must be >= 0 (0 freezes the shared expert's updates)")
     for k, v in {"experts.dropout": cfg.experts.dropout, "train.warmup_ratio": cfg.train.warmup_ratio,
                  "train.min_lr_ratio": cfg.train.min_lr_ratio}.items():
         if not 0 <= v <= 1:

@@ -139,7 +139,7 @@ class LocalStrategy(Strategy):
         return model
 
     def lr(self):
-        return self.scheduler.get_last_lr()[0]
+        return self.scheduler.get_last_lr()[-1]  # the task expert's group (the shared one may be scaled)
 
     def backward(self, loss):
         (loss / self.grad_accum).backward()
@@ -243,16 +243,16 @@ class DeepSpeedStrategy(Strategy):
         if "offload_optimizer" in self.ds_config["zero_optimization"]:
             from deepspeed.ops.adam import DeepSpeedCPUAdam
 
-            group = optimizer.param_groups[0]
-            optimizer = DeepSpeedCPUAdam([p for g in optimizer.param_groups for p in g["params"]], lr=group["lr"],
-                                         weight_decay=group["weight_decay"], adamw_mode=True)
+            groups = [{"params": g["params"], "lr": g["initial_lr"], "weight_decay": g["weight_decay"]}
+                      for g in optimizer.param_groups]
+            optimizer = DeepSpeedCPUAdam(groups, adamw_mode=True)
             scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, scheduler.lr_lambdas[0])
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                     config=self.ds_config, dist_init_required=False)
         return self.engine
 
     def lr(self):
-        return self.engine.get_lr()[0]
+        return self.engine.get_lr()[-1]
 
     def stop_requested(self):
         # Ranks receive the signal at different moments: agree on it so all stop at the same step.

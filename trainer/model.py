@@ -13,7 +13,7 @@ everything upstream of them (the shared expert, gates, earlier layers) receives 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -26,8 +26,7 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 IGNORE = -100
 
 
-@dataclass
-class StepOutput:
+class StepOutput(NamedTuple):  # a named tuple: ZeRO-3 finds the tensors in it for its backward hooks
     loss: torch.Tensor          # task loss + discriminator loss (through the reversal)
     task_loss: torch.Tensor
     disc_loss: torch.Tensor | None
@@ -92,6 +91,9 @@ class MoECLModel(nn.Module):
         modules = [m for layer in self.moe_layers for m in layer.trainable_modules(task)]
         modules.append(self.discriminators)
         return _unique(p for m in modules for p in m.parameters())
+
+    def shared_expert_parameters(self) -> list[nn.Parameter]:
+        return [p for layer in self.moe_layers for p in layer.experts[SHARED].parameters()]
 
     def freeze_all_but(self, task: str) -> list[nn.Parameter]:
         """requires_grad only on `task`'s trainable parameters; returns them. Old experts stay frozen."""

@@ -27,8 +27,8 @@ from tqdm import tqdm
 from . import atomic, checkpoint
 from .base import base_fingerprint, load_base
 from .checkpoint import ADAPTERS, MANIFEST, CheckpointError, RunDir, StageRecord
-from .config import Config, dump_yaml, to_dict
-from .data import Encoded, PromptFormat, collate, load_tasks, step_batches, steps_per_epoch
+from .config import Config, ConfigError, dump_yaml, to_dict
+from .data import DataError, Encoded, PromptFormat, collate, load_tasks, step_batches, steps_per_epoch
 from .distributed import Interrupted, Strategy, rng_state, set_rng_state
 from .evaluate import evaluate
 from .metrics import cl_metrics, format_table, heatmap
@@ -69,7 +69,7 @@ def run_sequence(cfg: Config, strategy: Strategy) -> dict:
 def run_stage(cfg: Config, k: int, strategy: Strategy) -> StageRecord:
     order = cfg.data.order
     if not 1 <= k <= len(order):
-        raise ValueError(f"--stage {k}: the order {order} has stages 1..{len(order)}")
+        raise ConfigError(f"--stage {k}: the order {order} has stages 1..{len(order)}")
     run = RunDir(cfg.run.dir)
     if strategy.is_main():
         atomic.write_text(run.root / "config.yaml", dump_yaml(cfg))
@@ -165,11 +165,14 @@ def prepare_training(s: Setup, strategy: Strategy) -> Training:
     global_batch = tc.micro_batch_size * tc.grad_accum * strategy.world_size
     per_epoch = steps_per_epoch(len(train_set.rows), global_batch)
     if per_epoch == 0:
-        raise ValueError(f"task {s.task}: {len(train_set.rows)} train rows are fewer than one global batch "
+        raise DataError(f"task {s.task}: {len(train_set.rows)} train rows are fewer than one global batch "
                          f"({tc.micro_batch_size} micro x {tc.grad_accum} accum x {strategy.world_size} ranks); "
                          "lower train.micro_batch_size or train.grad_accum")
     total = tc.max_steps or tc.epochs * per_epoch
-    optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
+    shared = {id(p) for p in s.model.shared_expert_parameters()}
+    groups = [{"params": [p for p in params if id(p) in shared], "lr": tc.lr * tc.shared_expert_lr_scale},
+              {"params": [p for p in params if id(p) not in shared], "lr": tc.lr}]
+    optimizer = torch.optim.AdamW(groups, lr=tc.lr, weight_decay=tc.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total, tc))
     n_trainable = sum(p.numel() for p in params)  # before setup: ZeRO-3 then leaves empty local views
     engine = strategy.setup(s.model, optimizer, scheduler, cfg)
