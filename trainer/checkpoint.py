@@ -29,6 +29,7 @@ from . import atomic
 
 ADAPTERS = "adapters.safetensors"
 MANIFEST = "stage.json"
+CHECKPOINT_INFO = "moecl.json"  # beside a mid-stage checkpoint's own files
 
 
 class CheckpointError(ValueError):

@@ -5,6 +5,10 @@
     evaluate CONFIG [--stage K] [key=value]    accuracy of stage K's experts (0 = untrained) per task
     submit CONFIG [key=value] [--dry-run]      one chained SLURM job per incomplete stage; prints job ids
     report RUN_DIR                             accuracy matrix, ACC / BWT / FWT of a run
+    extract SOURCE --expert E --out DIR        one expert as a PEFT LoRA adapter
+    merge SOURCE (--expert E | --task T) --out DIR    experts folded into a plain HF model
+    export SOURCE --out DIR [--tasks a,b]      a serving bundle; predict --bundle DIR --input X.jsonl
+    inspect SOURCE [--json]                    tasks, experts, shapes, metrics, hashes
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from .data import DataError
 from .distributed import EXIT_REQUEUE, Interrupted
 
 USER_ERRORS = (ConfigError, DataError, CheckpointError, FileNotFoundError, ModuleNotFoundError)
+ADAPTER_VERBS = ("extract", "merge", "export", "predict", "inspect")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,6 +48,34 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--dry-run", action="store_true", help="print the sbatch commands instead of running them")
     sp = sub.add_parser("report", help="print and write a run's accuracy matrix and metrics")
     sp.add_argument("run_dir")
+    src = "a run folder, stage folder, mid-stage checkpoint folder or bundle"
+    sp = sub.add_parser("extract", help="one expert as a PEFT LoRA adapter folder")
+    sp.add_argument("source", help=src)
+    sp.add_argument("--expert", required=True, help="'shared' or a learned task's name")
+    sp.add_argument("--out", required=True)
+    sp.add_argument("--base", help="base model folder (default: the one the run used, checked by fingerprint)")
+    sp = sub.add_parser("merge", help="fold experts into the base: a plain Hugging Face model folder")
+    sp.add_argument("source", help=src)
+    which = sp.add_mutually_exclusive_group(required=True)
+    which.add_argument("--expert", help="fold this one expert in (exact)")
+    which.add_argument("--task", help="fold the shared + this task's experts in at their mean gate (approximate)")
+    sp.add_argument("--out", required=True)
+    sp.add_argument("--base")
+    sp.add_argument("--calibration-rows", type=int, default=64, help="training rows for the mean gate (--task)")
+    sp = sub.add_parser("export", help="a self-contained serving bundle for some or all tasks")
+    sp.add_argument("source", help=src)
+    sp.add_argument("--out", required=True)
+    sp.add_argument("--tasks", help="comma-separated task names (default: every learned task)")
+    sp.add_argument("--base")
+    sp = sub.add_parser("predict", help="serve a bundle on a JSONL file of requests")
+    sp.add_argument("--bundle", required=True)
+    sp.add_argument("--input", required=True, help='JSONL: {"task", "sentence" | "text"} or {"task", "instruction", "input"}')
+    sp.add_argument("--output", help="JSONL with a 'prediction' per request (default: print)")
+    sp.add_argument("--base")
+    sp.add_argument("--batch-size", type=int, default=16)
+    sp = sub.add_parser("inspect", help="what a run, stage, checkpoint or bundle holds")
+    sp.add_argument("source", help=src)
+    sp.add_argument("--json", action="store_true")
     return p
 
 
@@ -60,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.verb == "report":
             strategy = make_strategy(None)
             return 0 if recipe.report(args.run_dir, None, strategy) is not None else 1
+        if args.verb in ADAPTER_VERBS:
+            return adapter_verb(args, make_strategy(None))
         cfg = load_config(args.config, args.overrides)
         if args.verb == "submit":
             from .slurm import submit
@@ -83,6 +118,40 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+
+
+def adapter_verb(args, strategy) -> int:
+    """extract / merge / export / predict / inspect (trainer/adapters.py), on CPU, no DeepSpeed."""
+    from pathlib import Path
+
+    from . import adapters
+
+    if args.verb == "inspect":
+        result = adapters.inspect(Path(args.source))
+        print(json.dumps(result, indent=2, default=list) if args.json else adapters.format_inspect(result))
+        return 0
+    if args.verb == "predict":
+        rows = adapters.predict(Path(args.bundle), Path(args.input), Path(args.output) if args.output else None,
+                                strategy, args.base, args.batch_size)
+        if not args.output:
+            for r in rows:
+                print(json.dumps(r))
+        else:
+            print(f"{len(rows)} predictions written to {args.output}")
+        return 0
+    ad = adapters.open_adapters(Path(args.source))
+    if args.verb == "extract":
+        out = adapters.extract_peft(ad, args.expert, Path(args.out), args.base)
+        print(f"PEFT adapter for expert {args.expert!r} written to {out}")
+    elif args.verb == "merge":
+        report = adapters.merge(ad, Path(args.out), args.expert, args.task, strategy, args.base, args.calibration_rows)
+        print(json.dumps({k: v for k, v in report.items() if k not in ("files", "gate_means")}, indent=2))
+        print(f"merged model written to {args.out}")
+    else:
+        tasks = [t for t in args.tasks.split(",") if t] if args.tasks else None
+        info = adapters.export_bundle(ad, Path(args.out), tasks, args.base)
+        print(f"bundle for {[t['name'] for t in info['tasks']]} written to {args.out}")
+    return 0
 
 
 def _quiet_libraries() -> None:

@@ -132,6 +132,16 @@ def _load_classification(folder: Path, name: str, cfg: DataConfig) -> Task:
     return Task(name, "classification", instruction, labels, splits["train"], [], splits["test"], folder)
 
 
+def read_jsonl(path: Path, error: type[Exception] | None = None):
+    """(line number, parsed row) for every non-blank line; a malformed line raises `error` naming it."""
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if line.strip():
+            try:
+                yield lineno, json.loads(line)
+            except json.JSONDecodeError as e:
+                raise (error or DataError)(f"{path}: line {lineno}: not valid JSON ({e.msg})") from None
+
+
 def _load_generation(folder: Path, name: str) -> Task:
     splits = {}
     for split in ("train", "test"):
@@ -139,13 +149,7 @@ def _load_generation(folder: Path, name: str) -> Task:
         if not path.is_file():
             raise DataError(f"task {name!r}: {path} is missing (instruction tasks need train.jsonl and test.jsonl)")
         out = []
-        for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}: line {lineno}: not valid JSON ({e.msg})") from None
+        for lineno, row in read_jsonl(path):
             if not isinstance(row, dict):
                 raise DataError(f"{path}: line {lineno}: expected an object with instruction, input, output")
             for key in ("instruction", "output"):

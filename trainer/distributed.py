@@ -243,6 +243,8 @@ class DeepSpeedStrategy(Strategy):
         if "offload_optimizer" in self.ds_config["zero_optimization"]:
             from deepspeed.ops.adam import DeepSpeedCPUAdam
 
+            _warn_stale_build_lock("cpu_adam")
+
             groups = [{"params": g["params"], "lr": g["initial_lr"], "weight_decay": g["weight_decay"]}
                       for g in optimizer.param_groups]
             optimizer = DeepSpeedCPUAdam(groups, adamw_mode=True)
@@ -403,3 +405,13 @@ def _single_process_env() -> None:
             s.bind(("127.0.0.1", 0))
             os.environ["MASTER_PORT"] = str(s.getsockname()[1])
 
+
+def _warn_stale_build_lock(op: str) -> None:
+    """DeepSpeed JIT-builds its CPU Adam with torch's cpp_extension, which waits, forever and silently,
+    while a `lock` file exists in the build folder; a build killed mid-way leaves one behind."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
+    for lock in root.glob(f"**/{op}/lock"):
+        print(f"note: {lock} exists; if no other process is building {op} right now, it is left from a killed "
+              f"build and this run will wait on it forever: delete it and relaunch", file=sys.stderr, flush=True)

@@ -18,25 +18,33 @@ from .model import IGNORE, MoECLModel
 @torch.no_grad()
 def evaluate(model: MoECLModel, enc: Encoded, tokenizer, batch_size: int, max_new_tokens: int,
              strategy: Strategy) -> dict:
-    """{"accuracy", "correct", "total"} of `model` on one encoded split, over all ranks."""
+    """{"accuracy", "correct", "total"} of `model` on one encoded split, over all ranks, and this
+    rank's "predictions" (class index or text per row, in row order)."""
     was_training = model.training
     model.eval()
     indices, valid = strategy.shard(len(enc.rows))
-    correct = 0
+    correct, predictions = 0, []
     for start in range(0, len(indices), batch_size):
         rows = [enc.rows[i] for i in indices[start:start + batch_size]]
-        keep = torch.tensor(valid[start:start + batch_size])
-        if enc.task.kind == "classification":
-            preds = _classify(model, enc, rows, tokenizer.pad_token_id, strategy.device)
-            hits = preds == torch.tensor([r["label"] for r in rows])
-        else:
-            hits = _generate(model, enc, rows, tokenizer, max_new_tokens, strategy.device,
-                             synced=strategy.world_size > 1)
-        correct += int((hits & keep).sum())
+        preds = predict_batch(model, enc, rows, tokenizer, max_new_tokens, strategy.device,
+                              synced=strategy.world_size > 1)
+        for row, pred, keep in zip(rows, preds, valid[start:start + batch_size]):
+            if keep:
+                target = row["label"] if enc.task.kind == "classification" else row["target"].strip()
+                correct += int(pred == target)
+                predictions.append(pred)
     totals = strategy.all_reduce({"correct": correct, "total": int(sum(valid))})
     model.train(was_training)
     return {"accuracy": totals["correct"] / max(totals["total"], 1), "correct": int(totals["correct"]),
-            "total": int(totals["total"])}
+            "total": int(totals["total"]), "predictions": predictions}
+
+
+def predict_batch(model: MoECLModel, enc: Encoded, rows: list[dict], tokenizer, max_new_tokens: int,
+                  device: torch.device, synced: bool = False) -> list:
+    """The predicted class index (classification) or stripped greedy text (generation) of each row."""
+    if enc.task.kind == "classification":
+        return _classify(model, enc, rows, tokenizer.pad_token_id, device).tolist()
+    return _generate(model, enc, rows, tokenizer, max_new_tokens, device, synced)
 
 
 def single_token_options(options: list[list[int]]) -> bool:
@@ -64,11 +72,10 @@ def _classify(model: MoECLModel, enc: Encoded, rows: list[dict], pad_id: int,
 
 
 def _generate(model: MoECLModel, enc: Encoded, rows: list[dict], tokenizer, max_new_tokens: int,
-              device: torch.device, synced: bool) -> torch.Tensor:
+              device: torch.device, synced: bool) -> list[str]:
     batch = collate([{"input_ids": r["input_ids"][: r["prompt_len"]]} for r in rows], tokenizer.pad_token_id,
                     left=True, keys=("input_ids",))
     batch = {k: v.to(device) for k, v in batch.items()}
     new = model.generate(batch["input_ids"], batch["attention_mask"], enc.task.name, max_new_tokens,
                          tokenizer.pad_token_id, tokenizer.eos_token_id, synced=synced)
-    texts = tokenizer.batch_decode(new, skip_special_tokens=True)
-    return torch.tensor([t.strip() == r["target"].strip() for t, r in zip(texts, rows)])
+    return [t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True)]

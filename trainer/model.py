@@ -52,7 +52,7 @@ def check_supported(base: nn.Module, source: str = "") -> None:
 class MoECLModel(nn.Module):
     """The frozen base with MoE-CL layers; `tasks` is the whole order (the discriminators' classes)."""
 
-    def __init__(self, base: nn.Module, tasks: list[str], cfg: ExpertsConfig):
+    def __init__(self, base: nn.Module, tasks: list[str], cfg: ExpertsConfig, discriminators: bool = True):
         super().__init__()
         check_supported(base)
         base.requires_grad_(False)
@@ -65,9 +65,10 @@ class MoECLModel(nn.Module):
             mlp = layer.mlp
             layer.mlp = MoECLMLP(mlp, i, self.routing, hidden=hidden, intermediate=mlp.gate_proj.out_features,
                                  rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout, gate_mode=cfg.gate)
+        # Training needs them; serving a bundle does not (discriminators=False).
         self.discriminators = nn.ModuleList(
             Discriminator(hidden, len(self.tasks), cfg.discriminator, cfg.discriminator_hidden)
-            for _ in self.moe_layers)
+            for _ in (self.moe_layers if discriminators else []))
 
     @property
     def moe_layers(self) -> list[MoECLMLP]:
@@ -103,6 +104,11 @@ class MoECLModel(nn.Module):
             p.requires_grad_(True)
         return params
 
+    def adapter_names(self) -> dict[str, str]:
+        """Module parameter name -> saved adapter name (to read checkpoints keyed by module names)."""
+        by_id = {id(p): key for key, p in self.adapter_parameters().items()}
+        return {name: by_id[id(p)] for name, p in self.named_parameters() if id(p) in by_id}
+
     def adapter_parameters(self) -> dict[str, nn.Parameter]:
         """Every added parameter (all experts, gates, discriminators) by its saved name."""
         named = {}
@@ -131,9 +137,10 @@ class MoECLModel(nn.Module):
         return StepOutput(loss, task_loss, disc_loss, disc_acc, gates, int(attention_mask.sum()))
 
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, task: str | None,
-                      collect: bool = False) -> torch.Tensor:
-        """Final hidden states (batch, seq, hidden) with `task` routed (None: shared expert only)."""
-        self._route(task, attention_mask, collect)
+                      collect: bool = False, only: str | None = None) -> torch.Tensor:
+        """Final hidden states (batch, seq, hidden) with `task` routed (None: shared expert only);
+        `only` runs that single expert alone instead."""
+        self._route(task, attention_mask, collect, only)
         out = self.base.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         return out.last_hidden_state
 
@@ -202,11 +209,14 @@ class MoECLModel(nn.Module):
             correct.append((logits.argmax(-1) == target).float().mean())
         return torch.stack(losses).mean(), torch.stack(correct).mean().detach()
 
-    def _route(self, task: str | None, mask: torch.Tensor, collect: bool) -> None:
-        if task is not None and task not in self.moe_layers[0].experts:
+    def _route(self, task: str | None, mask: torch.Tensor, collect: bool, only: str | None = None) -> None:
+        experts = self.moe_layers[0].experts
+        if only is not None and only not in experts:
+            raise KeyError(f"no expert {only!r}; this model has {list(experts)}")
+        if task is not None and task not in experts:
             task = None  # not learned yet: the shared expert alone (used for forward transfer)
         r = self.routing
-        r.task, r.mask, r.collect = task, mask, collect
+        r.task, r.mask, r.collect, r.only = task, mask, collect, only
         r.pooled.clear()
         r.gate_shared.clear()
 

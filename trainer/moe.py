@@ -86,6 +86,7 @@ class Routing:
     """
 
     task: str | None = None          # the task expert to mix in; None = the shared expert alone
+    only: str | None = None          # run this one expert alone, gate weight 1 (extract/merge checks)
     mask: torch.Tensor | None = None  # (batch, seq) 1 for real tokens
     collect: bool = False            # training: pooled shared output for the discriminator, gate stats
     pooled: dict[int, torch.Tensor] = field(default_factory=dict)      # layer -> (batch, hidden)
@@ -134,7 +135,7 @@ class MoECLMLP(nn.Module):
         """x: (batch, seq, hidden) -> (batch, seq, hidden)"""
         base, route = self.base, self.routing
         g, u = base.gate_proj(x), base.up_proj(x)  # the frozen projections, computed once
-        names = [SHARED] if route.task is None else [SHARED, route.task]
+        names = [route.only] if route.only else [SHARED] if route.task is None else [SHARED, route.task]
         experts = [self.experts[n] for n in names]
         h = [base.act_fn(g + e.gate_proj(x)) * (u + e.up_proj(x)) for e in experts]
         lora_down = [e.down_proj(h_e) for e, h_e in zip(experts, h)]

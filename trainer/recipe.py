@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from . import atomic, checkpoint
 from .base import base_fingerprint, load_base
-from .checkpoint import ADAPTERS, MANIFEST, CheckpointError, RunDir, StageRecord
+from .checkpoint import ADAPTERS, CHECKPOINT_INFO, MANIFEST, CheckpointError, RunDir, StageRecord
 from .config import Config, ConfigError, dump_yaml, to_dict
 from .data import DataError, Encoded, PromptFormat, collate, load_tasks, step_batches, steps_per_epoch
 from .distributed import Interrupted, Strategy, rng_state, set_rng_state
@@ -222,21 +222,29 @@ def train_stage(s: Setup, tr: Training, strategy: Strategy, monitor: Monitor, st
             bar.set_postfix(loss=f"{means['task_loss']:.3f}", disc=f"{means.get('disc_loss', 0):.3f}")
             window, t_window = {}, now
         if strategy.stop_requested():  # SIGUSR1: the walltime is near
-            save_checkpoint(strategy, ckpt_dir, step + 1, fingerprint)
+            save_checkpoint(s, strategy, ckpt_dir, step + 1, fingerprint)
             raise Interrupted(f"stage {s.k} ({s.task}) stopped on SIGUSR1 after step {step + 1}/{total}; "
                               f"checkpoint in {ckpt_dir}; run the stage again to continue")
         if tc.checkpoint_every and (step + 1) % tc.checkpoint_every == 0 and step + 1 < total:
-            save_checkpoint(strategy, ckpt_dir, step + 1, fingerprint)
+            save_checkpoint(s, strategy, ckpt_dir, step + 1, fingerprint)
     return {"steps": total, "resumed_at": start, "seconds": time.time() - t_start, "rows": len(train_set.rows),
             "first_logged_task_loss": first_loss, "last_logged_task_loss": last_loss}
 
 
-def save_checkpoint(strategy: Strategy, ckpt_dir: Path, step: int, fingerprint: str) -> None:
-    """A mid-stage checkpoint (trainable state, optimizer, scheduler, RNG, step); older ones are pruned."""
+def save_checkpoint(s: Setup, strategy: Strategy, ckpt_dir: Path, step: int, fingerprint: str) -> None:
+    """A mid-stage checkpoint (trainable state, optimizer, scheduler, RNG, step); older ones are pruned.
+
+    Beside DeepSpeed's files, `moecl.json` maps module parameter names to adapter names, so the
+    adapter tools can read the checkpoint (through zero_to_fp32) without building the model."""
     tag = f"step-{step:07d}"
     strategy.save_checkpoint(ckpt_dir, tag, {"step": step, "rng": rng_state(), "fingerprint": fingerprint})
     strategy.barrier()
     if strategy.is_main():
+        atomic.write_json(ckpt_dir / tag / CHECKPOINT_INFO, {
+            "stage": s.k, "task": s.task, "step": step, "order": s.cfg.data.order,
+            "learned": s.cfg.data.order[: s.k], "config": to_dict(s.cfg), "adapter_names": s.model.adapter_names(),
+            "base_model": {"path": str(s.base_folder), "fingerprint": base_fingerprint(s.base_folder)},
+            "previous": s.previous.manifest["files"][ADAPTERS] if s.previous else None})
         for old in ckpt_dir.glob("step-*"):
             if old.name != tag:
                 shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,453 @@
+"""Experts out of the trainer: read a run, a stage, a mid-stage checkpoint or a bundle, then
+
+- extract: one expert as a standard PEFT LoRA adapter folder (`PeftModel.from_pretrained` loads it);
+- merge: one expert folded into the base weights, or a task's shared + task experts folded with the
+  token-wise gate replaced by its mean over a calibration sample (approximate; measured and reported);
+- export / predict: a self-contained serving bundle for some tasks, and batched inference from JSONL;
+- inspect: what a source holds.
+
+Everything here runs on CPU without DeepSpeed; mid-stage DeepSpeed checkpoints are read through
+DeepSpeed's own zero_to_fp32. Outputs are written atomically, and only after every check passed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from . import atomic
+from .base import base_fingerprint, load_tokenizer, resolve_model_path
+from .checkpoint import (ADAPTERS, CHECKPOINT_INFO, MANIFEST, CheckpointError, RunDir, check_fits, read_adapters,
+                         sha256_file)
+from .config import Config, ModelConfig, from_dict
+from .data import PromptFormat, Task, load_tasks, read_jsonl
+from .distributed import Strategy
+from .evaluate import evaluate, predict_batch
+from .model import MoECLModel
+from .moe import ALL_TASKS_GATE, SHARED
+
+PROJS = ("gate_proj", "up_proj", "down_proj")
+BUNDLE = "bundle.json"
+
+
+@dataclass
+class Adapters:
+    """Adapter tensors (by saved name) and what is needed to interpret them."""
+
+    source: Path
+    kind: str  # "stage", "checkpoint" or "bundle"
+    tensors: dict[str, torch.Tensor]
+    config: Config
+    learned: list[str]
+    info: dict  # the stage manifest, checkpoint info or bundle description
+    files: dict[str, str] = field(default_factory=dict)  # file -> sha256
+
+    @property
+    def experts(self) -> list[str]:
+        return [SHARED] + self.learned
+
+    def require_expert(self, name: str) -> None:
+        if name not in self.experts:
+            raise CheckpointError(f"{self.source}: no expert {name!r}; available: {', '.join(self.experts)}")
+
+    def require_tasks(self, names: list[str]) -> None:
+        unknown = [n for n in names if n not in self.learned]
+        if unknown:
+            raise CheckpointError(f"{self.source}: no task {unknown}; learned tasks: {', '.join(self.learned)}")
+
+    def base_record(self) -> dict:
+        """{"path", "fingerprint"} of the base these adapters were trained on (fingerprint may be None)."""
+        return self.info.get("base_model") or {"path": self.config.model.path, "fingerprint": None}
+
+
+# -- reading sources --------------------------------------------------------------------------------
+
+def open_adapters(path: str | Path) -> Adapters:
+    """A run folder (its last complete stage), a stage folder, a mid-stage checkpoint, or a bundle."""
+    path = Path(path)
+    if (path / MANIFEST).is_file():
+        return _from_stage(path)
+    if (path / BUNDLE).is_file():
+        return _from_bundle(path)
+    if (path / "latest").is_file() or (path / CHECKPOINT_INFO).is_file():
+        return _from_checkpoint(path)
+    if (path / "stages").is_dir():
+        stages = sorted((path / "stages").glob(f"*/{MANIFEST}"), key=lambda p: int(p.parent.name.split("-")[0]))
+        if stages:
+            order = json.loads(stages[0].read_text())["order"]
+            done = RunDir(path).completed(order)
+            if done:
+                return _from_stage(done[-1].folder)
+    raise CheckpointError(f"{path}: not a run folder, stage folder ({MANIFEST}), mid-stage checkpoint "
+                          f"(latest + {CHECKPOINT_INFO}) or bundle ({BUNDLE})")
+
+
+def _from_stage(folder: Path) -> Adapters:
+    manifest = json.loads((folder / MANIFEST).read_text())
+    tensors = read_adapters(folder / ADAPTERS, manifest["files"][ADAPTERS])
+    return Adapters(folder, "stage", tensors, from_dict(manifest["config"], str(folder / MANIFEST)),
+                    manifest["learned"], manifest, dict(manifest["files"]))
+
+
+def _from_bundle(folder: Path) -> Adapters:
+    info = json.loads((folder / BUNDLE).read_text())
+    tensors = read_adapters(folder / ADAPTERS, info["files"][ADAPTERS])
+    cfg = from_dict({"model": {"path": info["base_model"]["path"]}, "experts": info["experts"],
+                     "data": {**info["data"], "order": [t["name"] for t in info["tasks"]]}}, str(folder / BUNDLE))
+    return Adapters(folder, "bundle", tensors, cfg, [t["name"] for t in info["tasks"]], info, dict(info["files"]))
+
+
+def _from_checkpoint(path: Path) -> Adapters:
+    """A mid-stage checkpoint: its trainable tensors (DeepSpeed's zero_to_fp32, or the single-process
+    file), plus the frozen experts from the stage it started from."""
+    ckpt_dir, tag = (path, (path / "latest").read_text().strip()) if (path / "latest").is_file() else (path.parent, path.name)
+    tag_dir = ckpt_dir / tag
+    info = json.loads((tag_dir / CHECKPOINT_INFO).read_text())
+    if (tag_dir / "trainable.safetensors").is_file():
+        by_module = load_file(tag_dir / "trainable.safetensors")
+    else:
+        # DeepSpeed logs to stdout on import and while reading; keep stdout for the tools' own output.
+        with contextlib.redirect_stdout(sys.stderr):
+            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+            by_module = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag, exclude_frozen_parameters=True)
+    names = info["adapter_names"]
+    tensors = {names[n]: t.float() for n, t in by_module.items() if n in names}
+    if not tensors or any(t.numel() == 0 for t in tensors.values()):
+        raise CheckpointError(f"{tag_dir}: no (or empty) adapter tensors in this checkpoint")
+    cfg = from_dict(info["config"], str(tag_dir / CHECKPOINT_INFO))
+    if info["stage"] > 1:  # frozen experts are not in the checkpoint: they are those of stage K-1
+        previous = RunDir(ckpt_dir.parent.parent).require_stage(info["stage"] - 1, info["order"])
+        if previous.manifest["files"][ADAPTERS] != info["previous"]:
+            raise CheckpointError(f"{tag_dir}: stage {previous.index} was rewritten since this checkpoint")
+        for k, t in previous.read_adapters().items():
+            tensors.setdefault(k, t)
+    return Adapters(tag_dir, "checkpoint", tensors, cfg, info["learned"], info, {})
+
+
+# -- the base the adapters go on --------------------------------------------------------------------
+
+def base_folder(ad: Adapters, override: str | None = None) -> Path:
+    """The base model folder, checked against the one the adapters were trained on."""
+    if override is not None:
+        folder = Path(override)
+        if not (folder / "config.json").is_file():
+            raise CheckpointError(f"--base {folder}: no config.json there")
+    else:
+        folder = resolve_model_path(ModelConfig(path=ad.base_record()["path"], cache_dir=ad.config.model.cache_dir))
+    expected = ad.base_record().get("fingerprint")
+    if expected and base_fingerprint(folder) != expected:
+        raise CheckpointError(f"base model {folder} is not the one these adapters were trained on "
+                              f"({ad.base_record()['path']}: config or weight files differ); pass --base with that folder")
+    _check_shapes(ad, folder)
+    return folder
+
+
+def _check_shapes(ad: Adapters, folder: Path) -> None:
+    from transformers import AutoConfig
+
+    hf = AutoConfig.from_pretrained(folder)
+    hidden, inter, layers = hf.hidden_size, hf.intermediate_size, hf.num_hidden_layers
+    expected = {"gate_proj": (hidden, inter), "up_proj": (hidden, inter), "down_proj": (inter, hidden)}
+    found_layers = {int(k.split(".")[1]) for k in ad.tensors if k.startswith("layers.")}
+    if found_layers != set(range(layers)):
+        raise CheckpointError(f"{ad.source}: adapters cover layers {sorted(found_layers)[:3]}.. "
+                              f"({len(found_layers)}), the base at {folder} has {layers}")
+    for key, t in ad.tensors.items():
+        parts = key.split(".")
+        if len(parts) == 6 and parts[2] == "experts":
+            d_in, d_out = expected[parts[4]]
+            want = (ad.config.experts.rank, d_in) if parts[5] == "lora_a" else (d_out, ad.config.experts.rank)
+            if tuple(t.shape) != want:
+                raise CheckpointError(f"{ad.source}: {key} has shape {list(t.shape)}, the base at {folder} "
+                                      f"needs {list(want)}")
+
+
+def expert_deltas(ad: Adapters, expert: str) -> dict[tuple[int, str], torch.Tensor]:
+    """(layer, projection) -> the expert's weight update (alpha/r) B A, float32."""
+    ad.require_expert(expert)
+    scaling = ad.config.experts.alpha / ad.config.experts.rank
+    out = {}
+    for key, a in ad.tensors.items():
+        parts = key.split(".")
+        if len(parts) == 6 and parts[2] == "experts" and parts[3] == expert and parts[5] == "lora_a":
+            b = ad.tensors[key[: -len("lora_a")] + "lora_b"]
+            out[(int(parts[1]), parts[4])] = scaling * (b.float() @ a.float())
+    return out
+
+
+def build_model(ad: Adapters, folder: Path, strategy: Strategy, discriminators: bool = False):
+    """The MoE-CL model with these adapters on the base at `folder` (float32, eval mode)."""
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, use_safetensors=True)
+    model = MoECLModel(base, ad.config.data.order, ad.config.experts, discriminators=discriminators)
+    for t in ad.learned:
+        model.add_task(t)
+    named = model.adapter_parameters()
+    tensors = {k: v for k, v in ad.tensors.items() if k in named}
+    check_fits(tensors, {k: p.shape for k, p in named.items()}, ad.source)
+    with torch.no_grad(), strategy.gathered(named.values(), modify=True):
+        for k, p in named.items():
+            p.copy_(tensors[k])
+    return model.eval(), load_tokenizer(folder)
+
+
+# -- extract ------------------------------------------------------------------------------------------
+
+def extract_peft(ad: Adapters, expert: str, out: Path, base: str | None = None) -> Path:
+    """Write `expert` as a PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors)."""
+    from peft import LoraConfig
+
+    ad.require_expert(expert)
+    folder = base_folder(ad, base)
+    prefixes = _mlp_module_names(folder)
+    tensors = {}
+    for key, t in ad.tensors.items():
+        parts = key.split(".")
+        if len(parts) == 6 and parts[2] == "experts" and parts[3] == expert:
+            peft_name = "lora_A" if parts[5] == "lora_a" else "lora_B"
+            tensors[f"base_model.model.{prefixes[int(parts[1])]}.{parts[4]}.{peft_name}.weight"] = t.float().contiguous()
+    e = ad.config.experts
+    config = LoraConfig(r=e.rank, lora_alpha=e.alpha, lora_dropout=e.dropout, target_modules=list(PROJS),
+                        task_type="CAUSAL_LM", bias="none", base_model_name_or_path=str(folder))
+    config.inference_mode = True
+    with atomic.staged_dir(out) as tmp:
+        save_file(tensors, tmp / "adapter_model.safetensors")
+        (tmp / "adapter_config.json").write_text(json.dumps(config.to_dict(), indent=2, default=list) + "\n")
+        (tmp / "moecl_source.json").write_text(json.dumps(
+            {"source": str(ad.source), "expert": expert, "files": ad.files}, indent=2) + "\n")
+    return out
+
+
+def _mlp_module_names(folder: Path) -> dict[int, str]:
+    """Layer index -> qualified name of its MLP module in the base (built on the meta device)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder))
+    names = {id(m): n for n, m in skeleton.named_modules()}
+    return {i: names[id(layer.mlp)] for i, layer in enumerate(skeleton.get_decoder().layers)}
+
+
+# -- merge --------------------------------------------------------------------------------------------
+
+def merge_into_base(model: MoECLModel, deltas: list[tuple[dict, list[float] | float]], strategy: Strategy):
+    """W <- W + sum_e w_e * delta_e on every gated-MLP projection of the base, in place.
+
+    `deltas` holds (expert deltas, weight) pairs; a weight is a float or one float per layer.
+    Returns the plain Hugging Face model (the MoE-CL layers unwrapped)."""
+    base = model.base
+    layers = base.get_decoder().layers
+    for i, layer in enumerate(layers):
+        mlp = layer.mlp.base  # the frozen gated MLP inside the MoE-CL layer
+        projs = [getattr(mlp, p) for p in PROJS]
+        with torch.no_grad(), strategy.gathered([p.weight for p in projs], modify=True):
+            for name, proj in zip(PROJS, projs):
+                update = sum((w[i] if isinstance(w, list) else w) * d[(i, name)] for d, w in deltas)
+                proj.weight += update.to(proj.weight.dtype)
+                if not torch.isfinite(proj.weight).all():
+                    raise ValueError(f"layer {i} {name}: the merged weight is not finite")
+        layer.mlp = mlp
+    return base
+
+
+def gate_means(model: MoECLModel, fmt: PromptFormat, task: Task, rows: int, batch_size: int) -> list[list[float]]:
+    """Per layer, the mean gate weights [g_shared, g_task] over the first `rows` training rows."""
+    from .data import collate
+
+    enc = fmt.encode(task, "train")
+    sums = [[0.0, 0.0] for _ in model.moe_layers]
+    n = min(rows, len(enc.rows))
+    with torch.no_grad():
+        for start in range(0, n, batch_size):
+            batch = collate([enc.rows[i] for i in range(start, min(n, start + batch_size))], fmt.tok.pad_token_id)
+            model.hidden_states(batch["input_ids"], batch["attention_mask"], task.name, collect=True)
+            weight = min(n, start + batch_size) - start
+            for i in range(len(sums)):
+                g = model.routing.gate_shared[i].item()
+                sums[i][0] += weight * g
+                sums[i][1] += weight * (1 - g)
+    return [[a / n, b / n] for a, b in sums]
+
+
+def merge(ad: Adapters, out: Path, expert: str | None, task: str | None, strategy: Strategy, base: str | None = None,
+          calibration_rows: int = 64, batch_size: int = 16) -> dict:
+    """(a) `expert`: that expert folded into the base, exact. (b) `task`: its shared + task experts
+    folded with the gate replaced by its per-layer mean on `calibration_rows` training rows; the
+    agreement with the exact MoE-CL model on the task's test data is measured and returned."""
+    folder = base_folder(ad, base)
+    if (expert is None) == (task is None):
+        raise ValueError("merge: give exactly one of --expert NAME or --task NAME")
+    model, tok = build_model(ad, folder, strategy)
+    if expert is not None:
+        ad.require_expert(expert)
+        plain = merge_into_base(model, [(expert_deltas(ad, expert), 1.0)], strategy)
+        report = {"mode": "expert", "expert": expert, "exact": True}
+    else:
+        ad.require_tasks([task])
+        fmt = PromptFormat(tok, ad.config.data)
+        data = {t.name: t for t in load_tasks(ad.config.data, ad.config.run.seed)}[task]
+        means = gate_means(model, fmt, data, calibration_rows, batch_size)
+        test = fmt.encode(data, "test")
+        exact = evaluate(model, test, tok, batch_size, ad.config.eval.max_new_tokens, strategy)
+        plain = merge_into_base(model, [(expert_deltas(ad, SHARED), [g[0] for g in means]),
+                                        (expert_deltas(ad, task), [g[1] for g in means])], strategy)
+        report = {"mode": "task", "task": task, "exact": False, "calibration_rows": min(calibration_rows, len(data.train)),
+                  "gate_means": means, "test_rows": exact["total"], "accuracy_moe_cl": exact["accuracy"]}
+    report.update({"source": str(ad.source), "base": str(folder), "files": ad.files})
+    with atomic.staged_dir(out) as tmp:
+        plain.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        if task is not None:  # measure the merged model as written: reload it as a user would
+            from transformers import AutoModelForCausalLM
+
+            written = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32)
+            merged = evaluate(_plain_as_moecl(written, ad), test, tok, batch_size, ad.config.eval.max_new_tokens,
+                              strategy)
+            agree = sum(a == b for a, b in zip(exact["predictions"], merged["predictions"])) / max(exact["total"], 1)
+            report.update({"accuracy_merged": merged["accuracy"], "agreement": agree})
+        (tmp / "merge_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def _plain_as_moecl(plain, ad: Adapters) -> MoECLModel:
+    """A plain model seen through MoE-CL with only a zero shared expert: exactly the plain model."""
+    return MoECLModel(plain, ad.learned, ad.config.experts, discriminators=False).eval()
+
+
+# -- export / predict ---------------------------------------------------------------------------------
+
+def export_bundle(ad: Adapters, out: Path, tasks: list[str] | None = None, base: str | None = None) -> dict:
+    """A self-contained serving bundle: the shared expert, the tasks' experts and gates, the prompt
+    settings and labels, and a reference to the base with its fingerprint (no discriminators)."""
+    tasks = tasks or ad.learned
+    ad.require_tasks(tasks)
+    folder = base_folder(ad, base)
+    data = {t.name: t for t in load_tasks(ad.config.data, ad.config.run.seed)} if ad.kind != "bundle" else None
+    keep_experts = {SHARED, *tasks}
+    gate_keys = {ALL_TASKS_GATE} if ad.config.experts.gate == "shared" else set(tasks)
+    tensors = {}
+    for key, t in ad.tensors.items():
+        parts = key.split(".")
+        if (parts[0] == "layers" and parts[2] == "experts" and parts[3] in keep_experts) or \
+                (parts[0] == "layers" and parts[2] == "gates" and parts[3] in gate_keys):
+            tensors[key] = t
+    if data is not None:
+        described = [{"name": t, "kind": data[t].kind, "labels": data[t].labels, "instruction": data[t].instruction}
+                     for t in tasks]
+    else:
+        described = [d for d in ad.info["tasks"] if d["name"] in tasks]
+    d = ad.config.data
+    info = {"format": "moe-cl-bundle", "version": 1, "tasks": described,
+            "experts": {k: v for k, v in vars(ad.config.experts).items()},
+            "data": {"answer": d.answer, "max_length": d.max_length, "system_prompt": d.system_prompt},
+            "base_model": {"path": str(folder), "fingerprint": base_fingerprint(folder)},
+            "source": {"path": str(ad.source), "files": ad.files}}
+    with atomic.staged_dir(out) as tmp:
+        from .checkpoint import save_adapters
+
+        info["files"] = {ADAPTERS: save_adapters(tmp / ADAPTERS, tensors, {"format": "moe-cl-bundle"})}
+        (tmp / BUNDLE).write_text(json.dumps(info, indent=2) + "\n")
+    return info
+
+
+def read_requests(path: Path, ad: Adapters) -> list[dict]:
+    """JSONL requests: {"task"?, "sentence" | "text"} (classification) or {"task"?, "instruction", "input"}."""
+    kinds = {t["name"]: t["kind"] for t in ad.info["tasks"]}
+    out = []
+    for lineno, row in read_jsonl(path, CheckpointError):
+        if not isinstance(row, dict):
+            raise CheckpointError(f"{path}: line {lineno}: expected a JSON object")
+        task = row.get("task") or (next(iter(kinds)) if len(kinds) == 1 else None)
+        if task not in kinds:
+            raise CheckpointError(f"{path}: line {lineno}: 'task' must be one of {list(kinds)}, got {row.get('task')!r}")
+        text = row.get("sentence", row.get("text", row.get("input")))
+        if kinds[task] == "generation" and not isinstance(row.get("instruction"), str):
+            raise CheckpointError(f"{path}: line {lineno}: generation task {task!r} needs 'instruction'")
+        if not isinstance(text, str) and kinds[task] == "classification":
+            raise CheckpointError(f"{path}: line {lineno}: needs 'sentence' (or 'text')")
+        out.append({**row, "task": task, "_text": text or ""})
+    return out
+
+
+def predict(bundle: Path, requests: Path, output: Path | None, strategy: Strategy, base: str | None = None,
+            batch_size: int = 16, max_new_tokens: int = 32) -> list[dict]:
+    """Serve a bundle on JSONL requests; returns (and writes, as JSONL) each request with its prediction."""
+    ad = open_adapters(bundle)
+    if ad.kind != "bundle":
+        raise CheckpointError(f"{bundle}: not a bundle (make one with `python -m trainer export`)")
+    rows = read_requests(requests, ad)
+    model, tok = build_model(ad, base_folder(ad, base), strategy)
+    fmt = PromptFormat(tok, ad.config.data)
+    results: list[dict | None] = [None] * len(rows)
+    for described in ad.info["tasks"]:
+        idx = [i for i, r in enumerate(rows) if r["task"] == described["name"]]
+        if not idx:
+            continue
+        task_rows = [{"text": rows[i]["_text"], "label": 0, "instruction": rows[i].get("instruction", ""),
+                      "output": "", "ref": f"line {i + 1}"} for i in idx]
+        task = Task(described["name"], described["kind"], described["instruction"], described["labels"],
+                    [], [], task_rows, requests)
+        enc = fmt.encode(task, "test")
+        for start in range(0, len(idx), batch_size):
+            preds = predict_batch(model, enc, [enc.rows[j] for j in range(start, min(len(idx), start + batch_size))],
+                                  tok, max_new_tokens, strategy.device)
+            for j, p in enumerate(preds, start=start):
+                row = {k: v for k, v in rows[idx[j]].items() if k != "_text"}
+                row["prediction"] = described["labels"][p] if described["kind"] == "classification" else p
+                results[idx[j]] = row
+    if output is not None:
+        atomic.write_text(output, "".join(json.dumps(r) + "\n" for r in results))
+    return results
+
+
+# -- inspect ------------------------------------------------------------------------------------------
+
+def inspect(path: Path) -> dict:
+    """Tasks, experts (parameter counts, shapes, dtypes), gates, stage metrics and file hashes."""
+    ad = open_adapters(path)
+    groups: dict[str, dict] = {}
+    for key, t in ad.tensors.items():
+        parts = key.split(".")
+        name = (f"expert:{parts[3]}" if parts[2] == "experts" else f"gate:{parts[3]}") if parts[0] == "layers" \
+            else "discriminators"
+        g = groups.setdefault(name, {"params": 0, "tensors": 0, "dtypes": set(), "shapes": {}})
+        g["params"] += t.numel()
+        g["tensors"] += 1
+        g["dtypes"].add(str(t.dtype).removeprefix("torch."))
+        short = ".".join(parts[4:]) if parts[0] == "layers" and parts[2] == "experts" else ".".join(parts[4:] or parts[2:])
+        g["shapes"].setdefault(short, list(t.shape))
+    for g in groups.values():
+        g["dtypes"] = sorted(g["dtypes"])
+    files = dict(ad.files)
+    for f in sorted(ad.source.glob("*.safetensors")):
+        files.setdefault(f.name, sha256_file(f))
+    return {"source": str(ad.source), "kind": ad.kind, "order": ad.config.data.order, "learned": ad.learned,
+            "experts": ad.config.experts.__dict__, "groups": groups, "files": files,
+            "metrics": ad.info.get("eval"), "step": ad.info.get("step"), "base_model": ad.base_record()}
+
+
+def format_inspect(r: dict) -> str:
+    lines = [f"{r['kind']}: {r['source']}", f"order:   {' -> '.join(r['order'])}",
+             f"learned: {', '.join(r['learned'])}" + (f"   (checkpoint at step {r['step']})" if r["step"] else ""),
+             f"base:    {r['base_model']['path']}"]
+    e = r["experts"]
+    lines.append(f"experts: rank {e['rank']}, alpha {e['alpha']}, gate {e['gate']}, discriminator {e['discriminator']}")
+    for name, g in r["groups"].items():
+        shapes = ", ".join(f"{k} {v}" for k, v in g["shapes"].items())
+        lines.append(f"  {name:<24} {g['params']:>12,} params in {g['tensors']:>4} tensors  {'/'.join(g['dtypes'])}  {shapes}")
+    if r["metrics"]:
+        acc = r["metrics"].get("test_accuracy", {})
+        lines.append("test accuracy: " + "  ".join(f"{k} {v:.3f}" for k, v in acc.items()))
+    for f, h in r["files"].items():
+        lines.append(f"sha256 {h}  {f}")
+    return "\n".join(lines)
+
+
