@@ -43,7 +43,8 @@ def test_mixture_equals_naive_two_expert_formula(layer):
     mask = torch.ones(3, 5)
     mask[1, 3:] = 0
     for collect in (False, True):  # with and without the fused pooled-output path
-        layer.routing.task, layer.routing.mask, layer.routing.collect = "a", mask, collect
+        r = layer.routing
+        r.task, r.mask, r.collect, r.pool = "a", mask, collect, collect
         y = layer(x)
         w = torch.softmax(layer.gates["all_tasks"].proj(x), dim=-1)
         naive = w[..., :1] * _naive_expert(layer.base, layer.experts[SHARED], x) + \
@@ -54,17 +55,30 @@ def test_mixture_equals_naive_two_expert_formula(layer):
 def test_pooled_shared_output_is_masked_mean_of_shared_expert(layer):
     x = torch.randn(2, 6, 64)
     mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 0, 0, 0, 0]])
-    layer.routing.task, layer.routing.mask, layer.routing.collect = "a", mask, True
+    r = layer.routing
+    r.task, r.mask, r.collect, r.pool = "a", mask, True, True
     layer(x)
     e_s = _naive_expert(layer.base, layer.experts[SHARED], x)
     expected = torch.stack([e_s[0].mean(0), e_s[1, :2].mean(0)])
     torch.testing.assert_close(layer.routing.pooled[0], expected, rtol=1e-5, atol=1e-5)
 
 
-def test_unlearned_task_routes_to_shared_expert_alone(layer):
+def test_summed_experts_equal_lora_on_each_projection(layer):
+    """The baselines' routing: one expert alone is that expert; several add their LoRA updates to
+    each projection (O-LoRA at inference); none is the base MLP."""
     x = torch.randn(2, 4, 64)
-    layer.routing.task, layer.routing.mask, layer.routing.collect = None, None, False
+    r = layer.routing
+    r.task, r.mask, r.collect, r.pool = None, None, False, False
+    r.summed = (SHARED,)
     torch.testing.assert_close(layer(x), _naive_expert(layer.base, layer.experts[SHARED], x), rtol=1e-5, atol=1e-5)
+    r.summed = ()
+    torch.testing.assert_close(layer(x), layer.base(x), rtol=1e-6, atol=1e-6)
+    r.summed = (SHARED, "a")
+    base, (s, a) = layer.base, (layer.experts[SHARED], layer.experts["a"])
+    g = base.gate_proj(x) + s.gate_proj(x) + a.gate_proj(x)
+    u = base.up_proj(x) + s.up_proj(x) + a.up_proj(x)
+    h = base.act_fn(g) * u
+    torch.testing.assert_close(layer(x), base.down_proj(h) + s.down_proj(h) + a.down_proj(h), rtol=1e-5, atol=1e-5)
 
 
 def test_masked_mean_by_hand():
@@ -207,3 +221,53 @@ def test_discriminator_loss_is_plain_cross_entropy_on_logits(tiny_base):
                             for i, d in enumerate(model.discriminators)]).mean()
     torch.testing.assert_close(loss, expected)
     assert 0.0 <= acc.item() <= 1.0
+
+
+@pytest.mark.parametrize("method, trained", [
+    ("moe_cl", {"shared", "b", "gates", "discriminators"}),
+    ("moe_cl_no_gan", {"shared", "b", "gates"}),
+    ("seq_lora", {"shared"}),
+    ("per_task_lora", {"b"}),
+    ("olora", {"b"}),
+])
+def test_each_method_declares_what_it_trains(tiny_llama_dir, method, trained):
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    model = MoECLModel(base, ["a", "b"], ExpertsConfig(method=method))
+    model.add_task("a")
+    model.add_task("b")
+    params = {id(p) for p in model.freeze_all_but("b")}
+    found = set()
+    for name, p in model.named_parameters():
+        parts = name.split(".")
+        if id(p) in params:
+            found.add("discriminators" if parts[0] == "discriminators" else
+                      "gates" if "gates" in parts else parts[parts.index("experts") + 1])
+        else:
+            assert not p.requires_grad, name
+    assert found == trained
+    assert model.learned_tasks == ["a", "b"]
+    has_shared = method != "per_task_lora" and method != "olora"
+    assert (SHARED in model.moe_layers[0].experts) == has_shared
+    assert ("a" in model.moe_layers[0].experts) == (method != "seq_lora")
+
+
+def test_olora_penalty_is_the_l1_of_a_products_and_reaches_only_the_new_expert(tiny_llama_dir):
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    model = MoECLModel(base, ["a", "b"], ExpertsConfig(method="olora", dropout=0.0))
+    model.add_task("a")
+    model.add_task("b")
+    model.freeze_all_but("b")
+    loss = model.orthogonality_loss("b")
+    expected = sum((getattr(layer.experts["b"], p).lora_a @ getattr(layer.experts["a"], p).lora_a.T).abs().sum()
+                   for layer in model.moe_layers for p in ("gate_proj", "up_proj", "down_proj"))
+    torch.testing.assert_close(loss, expected)
+    loss.backward()
+    assert model.moe_layers[0].experts["b"].up_proj.lora_a.grad.abs().sum() > 0
+    assert model.moe_layers[0].experts["a"].up_proj.lora_a.grad is None
+    # Inference is task-id free: every learned LoRA at once, whichever task is asked for.
+    _fill_experts(model.moe_layers[0], seed=5)
+    x = torch.randint(0, 1000, (1, 5))
+    with torch.no_grad():
+        for task in ("a", "b", None):
+            model._route(task, torch.ones_like(x), collect=False)
+            assert model.routing.summed == ("a", "b")

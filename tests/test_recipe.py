@@ -175,3 +175,28 @@ def test_a_stage_is_deterministic_given_the_seed(tmp_path, model_cache):
                 "--stage", "1")
     digest = [sha256_file(tmp_path / r / "stages" / "1-agnews" / "adapters.safetensors") for r in ("a", "b")]
     assert digest[0] == digest[1]
+
+
+@pytest.mark.parametrize("method, experts", [
+    ("seq_lora", [{"shared"}, {"shared"}]),
+    ("per_task_lora", [{"agnews"}, {"agnews", "yelp"}]),
+    ("olora", [{"agnews"}, {"agnews", "yelp"}]),
+    ("moe_cl_no_gan", [{"shared", "agnews"}, {"shared", "agnews", "yelp"}]),
+])
+def test_baseline_methods_run_end_to_end(tmp_path, model_cache, method, experts):
+    """The same trainer with `experts.method`: what each stage holds and keeps, and the metrics."""
+    run_cli("sequence", "configs/tiny.yaml", *_overrides(tmp_path, model_cache, **{"experts.method": method}))
+    run = tmp_path / "run"
+    one = load_file(run / "stages" / "1-agnews" / "adapters.safetensors")
+    two = load_file(run / "stages" / "2-yelp" / "adapters.safetensors")
+    for sd, want in zip((one, two), experts):
+        assert {k.split(".")[3] for k in sd if ".experts." in k} == want
+        assert any(".gates." in k for k in sd) == method.startswith("moe_cl")
+        assert not any(k.startswith("discriminators") for k in sd)
+    changed = {k.split(".")[3] for k in one if not torch.equal(one[k], two[k])}
+    assert changed == ({"shared"} if method == "seq_lora" else set() if method in ("per_task_lora", "olora")
+                       else {"shared"} | ({"all_tasks"}))  # old task experts never change
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert len(metrics["accuracy"]) == 2 and isinstance(metrics["ACC"], float)
+    if method == "per_task_lora":  # an unseen task meets the untouched base: no transfer, by construction
+        assert metrics["accuracy"][0][1] == metrics["baseline"][1]

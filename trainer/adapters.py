@@ -29,7 +29,7 @@ from .config import Config, ModelConfig, from_dict
 from .data import PromptFormat, Task, load_tasks, read_jsonl
 from .distributed import Strategy
 from .evaluate import evaluate, predict_batch
-from .model import MoECLModel
+from .model import MoECLModel, method_experts, routed_experts
 from .moe import ALL_TASKS_GATE, SHARED
 
 PROJS = ("gate_proj", "up_proj", "down_proj")
@@ -50,7 +50,11 @@ class Adapters:
 
     @property
     def experts(self) -> list[str]:
-        return [SHARED] + self.learned
+        return method_experts(self.config.experts.method, self.learned)
+
+    def routed(self, task: str) -> tuple[str, ...] | None:
+        """The experts serving `task`, summed (None: the gated mixture of shared + task)."""
+        return routed_experts(self.config.experts.method, task, self.learned)
 
     def require_expert(self, name: str) -> None:
         if name not in self.experts:
@@ -290,6 +294,11 @@ def merge(ad: Adapters, out: Path, expert: str | None, task: str | None, strateg
         ad.require_expert(expert)
         plain = merge_into_base(model, [(expert_deltas(ad, expert), 1.0)], strategy)
         report = {"mode": "expert", "expert": expert, "exact": True}
+    elif ad.routed(task) is not None:  # a baseline: the task's experts are summed, so the merge is exact
+        ad.require_tasks([task])
+        plain = merge_into_base(model, [(expert_deltas(ad, e), 1.0) for e in ad.routed(task)], strategy)
+        report = {"mode": "task", "task": task, "experts": list(ad.routed(task)), "exact": True}
+        task = None  # nothing to measure
     else:
         ad.require_tasks([task])
         fmt = PromptFormat(tok, ad.config.data)
@@ -329,10 +338,13 @@ def export_bundle(ad: Adapters, out: Path, tasks: list[str] | None = None, base:
     settings and labels, and a reference to the base with its fingerprint (no discriminators)."""
     tasks = tasks or ad.learned
     ad.require_tasks(tasks)
+    if ad.config.experts.method == "olora" and tasks != ad.learned:
+        raise CheckpointError(f"{ad.source}: an olora model serves every task with all its LoRAs together; "
+                              f"export all learned tasks ({', '.join(ad.learned)}): leave out --tasks")
     folder = base_folder(ad, base)
     data = {t.name: t for t in load_tasks(ad.config.data, ad.config.run.seed)} if ad.kind != "bundle" else None
-    keep_experts = {SHARED, *tasks}
-    gate_keys = {ALL_TASKS_GATE} if ad.config.experts.gate == "shared" else set(tasks)
+    keep_experts = {e for t in tasks for e in (ad.routed(t) or (SHARED, t))}
+    gate_keys = {ALL_TASKS_GATE} if ad.config.experts.gate == "shared" else set(tasks)  # (baselines have none)
     tensors = {}
     for key, t in ad.tensors.items():
         parts = key.split(".")
@@ -439,7 +451,9 @@ def format_inspect(r: dict) -> str:
              f"learned: {', '.join(r['learned'])}" + (f"   (checkpoint at step {r['step']})" if r["step"] else ""),
              f"base:    {r['base_model']['path']}"]
     e = r["experts"]
-    lines.append(f"experts: rank {e['rank']}, alpha {e['alpha']}, gate {e['gate']}, discriminator {e['discriminator']}")
+    method = e.get("method", "moe_cl")
+    lines.append(f"experts: method {method}, rank {e['rank']}, alpha {e['alpha']}"
+                 + (f", gate {e['gate']}, discriminator {e['discriminator']}" if method.startswith("moe_cl") else ""))
     for name, g in r["groups"].items():
         shapes = ", ".join(f"{k} {v}" for k, v in g["shapes"].items())
         lines.append(f"  {name:<24} {g['params']:>12,} params in {g['tensors']:>4} tensors  {'/'.join(g['dtypes'])}  {shapes}")

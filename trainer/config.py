@@ -45,6 +45,11 @@ class ModelConfig:
 
 @dataclass
 class ExpertsConfig:
+    method: Literal["moe_cl", "moe_cl_no_gan", "seq_lora", "per_task_lora", "olora"] = "moe_cl"
+    """moe_cl: shared + per-task experts, gated, adversarial discriminator. Baselines on the same
+    modules and budget: moe_cl_no_gan (no discriminator), seq_lora (one LoRA trained through every
+    task), per_task_lora (a fresh LoRA per task, used with its task id), olora (O-LoRA: a LoRA per task,
+    orthogonal to the earlier tasks' A, all of them summed at inference, no task id)."""
     rank: int = 8
     """LoRA rank r of every expert (gate, up and down projections)."""
     alpha: float = 16.0
@@ -58,7 +63,9 @@ class ExpertsConfig:
     discriminator_hidden: int = 256
     """Hidden width of the `mlp` discriminator."""
     adversarial_weight: float = 0.1
-    """lambda: the gradient reversal scale. 0 gives the 'without GAN' ablation."""
+    """lambda: the gradient reversal scale (method moe_cl)."""
+    orthogonal_weight: float = 0.5
+    """olora: weight of sum |A_t A_s^T| over earlier tasks s (O-LoRA's lambda_1)."""
 
 
 @dataclass

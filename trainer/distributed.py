@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from . import atomic
+from .checkpoint import CheckpointError
 from .config import Config, ConfigError
 
 # Keys of a DeepSpeed config that come from the experiment config (train.* and model.dtype).
@@ -119,6 +120,7 @@ class Strategy:
         return p.numel(), p.numel()
 
     def save_checkpoint(self, folder: Path, tag: str, client_state: dict) -> None:
+        """Write checkpoint `tag` under `folder` (a collective); the caller then points `latest` at it."""
         raise NotImplementedError
 
     def load_checkpoint(self, folder: Path) -> dict | None:
@@ -160,7 +162,6 @@ class LocalStrategy(Strategy):
             save_file({names[id(p)]: p.detach().cpu().contiguous() for p in self.params}, tmp / "trainable.safetensors")
             torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                         "client": client_state}, tmp / "state.pt")
-        atomic.write_text(folder / "latest", tag)
 
     def load_checkpoint(self, folder):
         if not (folder / "latest").is_file():
@@ -298,14 +299,20 @@ class DeepSpeedStrategy(Strategy):
         return p.numel(), p.numel()
 
     def save_checkpoint(self, folder, tag, client_state):
-        self.engine.save_checkpoint(str(folder), tag=tag, client_state=client_state, exclude_frozen_parameters=True)
+        # `latest` is written by the caller once every rank has finished: a kill mid-save leaves it on
+        # the previous, complete checkpoint.
+        self.engine.save_checkpoint(str(folder), tag=tag, client_state=client_state, exclude_frozen_parameters=True,
+                                    save_latest=False)
 
     def load_checkpoint(self, folder):
         if not (folder / "latest").is_file():
             return None
         path, client = self.engine.load_checkpoint(str(folder), load_module_strict=False,
                                                    load_optimizer_states=True, load_lr_scheduler_states=True)
-        return client if path is not None else None
+        if path is None:
+            raise CheckpointError(f"{folder}: `latest` names a checkpoint DeepSpeed cannot read; delete the folder "
+                                  "to restart the stage, or set train.resume=never")
+        return client
 
 
 def build_ds_config(cfg: Config, world_size: int) -> dict:
@@ -340,6 +347,10 @@ def build_ds_config(cfg: Config, world_size: int) -> dict:
     stage = zero.get("stage", 0)
     if stage not in (0, 1, 2, 3):
         errors.append(f"zero_optimization.stage must be 0-3, got {stage!r}")
+    if stage == 3 and cfg.experts.method == "olora":
+        errors.append("experts.method=olora is not supported with ZeRO-3 yet: its penalty reads the earlier tasks' "
+                      "A matrices outside their modules' forward, where ZeRO-3 keeps them partitioned; use "
+                      "ds_configs/zero2.json or a single process")
     if "offload_param" in zero and stage != 3:
         errors.append(f"zero_optimization.offload_param needs stage 3 (this file has stage {stage})")
     if errors:

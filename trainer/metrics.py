@@ -50,24 +50,35 @@ def heatmap(tasks: list[str], accuracy: list[list[float]], baseline: list[float]
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    fig, ax = plt.subplots(figsize=(1.3 * len(tasks) + 2.5, 0.6 * (len(accuracy) + 1) + 1.5))
+    im = draw_matrix(ax, tasks, accuracy, baseline, "accuracy (task j after stage i)")
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    if path is not None:
+        save_png(fig, path)
+    return fig
+
+
+def draw_matrix(ax, tasks: list[str], accuracy: list[list[float]], baseline: list[float], title: str):
+    """The untrained row and R[i][j] on `ax`, each cell labelled; returns the image (for a colorbar)."""
     rows = [baseline] + accuracy
     labels = ["untrained"] + [f"after {i + 1}: {t}" for i, t in enumerate(tasks[: len(accuracy)])]
-    fig, ax = plt.subplots(figsize=(1.3 * len(tasks) + 2.5, 0.6 * len(rows) + 1.5))
     im = ax.imshow(rows, vmin=0, vmax=1, cmap="viridis")
     ax.set_xticks(range(len(tasks)), tasks, rotation=30, ha="right")
     ax.set_yticks(range(len(rows)), labels)
     for i, row in enumerate(rows):
         for j, v in enumerate(row):
             ax.text(j, i, f"{v:.2f}", ha="center", va="center", color="w" if v < 0.6 else "k", fontsize=9)
-    ax.set_title("accuracy (task j after stage i)")
-    fig.colorbar(im, ax=ax, fraction=0.046)
-    fig.tight_layout()
-    if path is not None:
-        from io import BytesIO
+    ax.set_title(title)
+    return im
 
-        from . import atomic
 
-        buf = BytesIO()
-        fig.savefig(buf, format="png", dpi=100)
-        atomic.write_bytes(path, buf.getvalue())
-    return fig
+def save_png(fig, path: Path) -> None:
+    """Write a figure as PNG atomically."""
+    from io import BytesIO
+
+    from . import atomic
+
+    buf = BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    atomic.write_bytes(path, buf.getvalue())

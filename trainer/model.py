@@ -9,6 +9,9 @@ Training objective of a stage on task t (lambda = `experts.adversarial_weight`):
 
 where R_lambda is a gradient-reversal layer: the discriminators D_l minimise L_D, while
 everything upstream of them (the shared expert, gates, earlier layers) receives -lambda * dL_D.
+
+`experts.method` selects MoE-CL or a baseline on the same layers (see `METHODS`); a baseline is
+only a different routing, set of experts and trainable parameters, plus O-LoRA's penalty.
 """
 
 from __future__ import annotations
@@ -24,12 +27,40 @@ from .moe import SHARED, Discriminator, MoECLMLP, Routing, reverse_gradient
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 IGNORE = -100
+# method -> (shared expert, one expert per task, gated mixture, discriminators)
+METHODS = {
+    "moe_cl": (True, True, True, True),
+    "moe_cl_no_gan": (True, True, True, False),
+    "seq_lora": (True, False, False, False),       # the shared expert is the one LoRA
+    "per_task_lora": (False, True, False, False),  # the task's expert alone, task id known
+    "olora": (False, True, False, False),          # every learned task's expert summed, no task id
+}
+
+
+def method_experts(method: str, learned: list[str]) -> list[str]:
+    """The experts a model of `method` holds after learning `learned`."""
+    shared, per_task, _, _ = METHODS[method]
+    return ([SHARED] if shared else []) + (list(learned) if per_task else [])
+
+
+def routed_experts(method: str, task: str | None, learned: list[str]) -> tuple[str, ...] | None:
+    """The experts a forward for `task` runs, summed at weight 1 each; None: MoE-CL's gated mixture of
+    the shared expert and the task's. A task not learned yet (forward transfer) gets what the method
+    has without it: MoE-CL and seq_lora the shared expert, per_task_lora the base alone."""
+    if METHODS[method][2]:
+        return None if task in learned else (SHARED,)
+    if method == "seq_lora":
+        return (SHARED,)
+    if method == "per_task_lora":
+        return (task,) if task in learned else ()
+    return tuple(learned)  # olora: task-id free, every LoRA learned so far
 
 
 class StepOutput(NamedTuple):  # a named tuple: ZeRO-3 finds the tensors in it for its backward hooks
     loss: torch.Tensor          # task loss + discriminator loss (through the reversal)
     task_loss: torch.Tensor
     disc_loss: torch.Tensor | None
+    orth_loss: torch.Tensor | None  # olora's penalty (unweighted)
     disc_acc: torch.Tensor | None
     gate_shared: list[float]    # per layer: mean gate weight on the shared expert
     tokens: int                 # non-pad tokens in the batch
@@ -58,26 +89,26 @@ class MoECLModel(nn.Module):
         base.requires_grad_(False)
         self.base = base
         self.tasks = list(tasks)
+        self.method = cfg.method
+        self.learned_tasks: list[str] = []  # tasks added so far, in order
         self.adversarial_weight = cfg.adversarial_weight
+        self.orthogonal_weight = cfg.orthogonal_weight
         self.routing = Routing()
+        shared, per_task, self.mixture, adversarial = METHODS[cfg.method]
         hidden = base.config.hidden_size
         for i, layer in enumerate(base.get_decoder().layers):
             mlp = layer.mlp
             layer.mlp = MoECLMLP(mlp, i, self.routing, hidden=hidden, intermediate=mlp.gate_proj.out_features,
-                                 rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout, gate_mode=cfg.gate)
+                                 rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout,
+                                 gate_mode=cfg.gate if self.mixture else "none", shared=shared, task_experts=per_task)
         # Training needs them; serving a bundle does not (discriminators=False).
         self.discriminators = nn.ModuleList(
             Discriminator(hidden, len(self.tasks), cfg.discriminator, cfg.discriminator_hidden)
-            for _ in (self.moe_layers if discriminators else []))
+            for _ in (self.moe_layers if discriminators and adversarial else []))
 
     @property
     def moe_layers(self) -> list[MoECLMLP]:
         return [layer.mlp for layer in self.base.get_decoder().layers]
-
-    @property
-    def learned_tasks(self) -> list[str]:
-        """Tasks that have an expert, in order."""
-        return [t for t in self.tasks if t in self.moe_layers[0].experts]
 
     # -- what is trained and saved, declared by the modules themselves --------------------------
 
@@ -86,6 +117,8 @@ class MoECLModel(nn.Module):
             raise KeyError(f"task {task!r} is not in this model's order {self.tasks}")
         for layer in self.moe_layers:
             layer.add_task(task)
+        if task not in self.learned_tasks:
+            self.learned_tasks.append(task)
 
     def trainable_parameters(self, task: str) -> list[nn.Parameter]:
         """The parameters a stage on `task` optimises: shared + task experts, gate(s), discriminators."""
@@ -94,6 +127,9 @@ class MoECLModel(nn.Module):
         return _unique(p for m in modules for p in m.parameters())
 
     def shared_expert_parameters(self) -> list[nn.Parameter]:
+        """The shared expert of the MoE-CL mixture (seq_lora's single LoRA is not one: none)."""
+        if not self.mixture:
+            return []
         return [p for layer in self.moe_layers for p in layer.experts[SHARED].parameters()]
 
     def freeze_all_but(self, task: str) -> list[nn.Parameter]:
@@ -125,16 +161,30 @@ class MoECLModel(nn.Module):
         """A training step's forward. input_ids, attention_mask, labels: (batch, seq)."""
         if task not in self.learned_tasks:
             raise KeyError(f"task {task!r} has no expert yet; call add_task first")
-        adversarial = self.training
-        hidden = self.hidden_states(input_ids, attention_mask, task, collect=adversarial)
+        hidden = self.hidden_states(input_ids, attention_mask, task, collect=self.training)
         task_loss = self.answer_loss(hidden, labels)
-        disc_loss = disc_acc = None
+        disc_loss = disc_acc = orth_loss = None
         loss = task_loss
-        if adversarial:
+        if self.training and len(self.discriminators):
             disc_loss, disc_acc = self.discriminator_loss(self.tasks.index(task), input_ids.shape[0])
-            loss = task_loss + disc_loss
+            loss = loss + disc_loss
+        if self.method == "olora" and self.learned_tasks.index(task) > 0:
+            orth_loss = self.orthogonality_loss(task)
+            loss = loss + self.orthogonal_weight * orth_loss
         gates = [self.routing.gate_shared[i].item() for i in sorted(self.routing.gate_shared)]
-        return StepOutput(loss, task_loss, disc_loss, disc_acc, gates, int(attention_mask.sum()))
+        return StepOutput(loss, task_loss, disc_loss, orth_loss, disc_acc, gates, int(attention_mask.sum()))
+
+    def orthogonality_loss(self, task: str) -> torch.Tensor:
+        """O-LoRA's penalty: sum over layers and projections of |A_task A_s^T| for every earlier task s."""
+        earlier = self.learned_tasks[: self.learned_tasks.index(task)]
+        terms = []
+        for layer in self.moe_layers:
+            new = layer.experts[task]
+            for s in earlier:
+                for proj in ("gate_proj", "up_proj", "down_proj"):
+                    a_new, a_old = getattr(new, proj).lora_a, getattr(layer.experts[s], proj).lora_a
+                    terms.append((a_new @ a_old.detach().T).abs().sum())
+        return torch.stack(terms).sum()
 
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, task: str | None,
                       collect: bool = False, only: str | None = None) -> torch.Tensor:
@@ -210,13 +260,14 @@ class MoECLModel(nn.Module):
         return torch.stack(losses).mean(), torch.stack(correct).mean().detach()
 
     def _route(self, task: str | None, mask: torch.Tensor, collect: bool, only: str | None = None) -> None:
+        """Which experts the next forward runs (`routed_experts`, or `only` that one)."""
         experts = self.moe_layers[0].experts
         if only is not None and only not in experts:
             raise KeyError(f"no expert {only!r}; this model has {list(experts)}")
-        if task is not None and task not in experts:
-            task = None  # not learned yet: the shared expert alone (used for forward transfer)
+        summed = (only,) if only is not None else routed_experts(self.method, task, self.learned_tasks)
         r = self.routing
-        r.task, r.mask, r.collect, r.only = task, mask, collect, only
+        r.task, r.summed, r.mask = (task if summed is None else None), summed, mask
+        r.collect, r.pool = collect and summed is None, collect and summed is None and len(self.discriminators) > 0
         r.pooled.clear()
         r.gate_shared.clear()
 
@@ -230,4 +281,4 @@ def _unique(params) -> list[nn.Parameter]:
     return out
 
 
-__all__ = ["MoECLModel", "StepOutput", "check_supported", "SUPPORTED_MODEL_TYPES", "SHARED", "IGNORE"]
+__all__ = ["MoECLModel", "StepOutput", "METHODS", "method_experts", "routed_experts", "check_supported", "SUPPORTED_MODEL_TYPES", "SHARED", "IGNORE"]

@@ -16,6 +16,9 @@ down projection::
 so a step costs one base MLP plus two rank-r updates, whatever the number of tasks learned.
 The base gate and up projections run once and are shared by both experts.
 
+The baselines (`experts.method`, see model.py) run experts without a gate, their LoRA updates
+summed into the base projections: ``proj(v) = W v + sum_e (alpha/r) B_e A_e v``.
+
 The discriminator (in `model.py`) reads the mask-aware token mean of the shared expert's output
 ``E_s(x)``. That mean is linear in ``h_s`` too, so it is computed from ``mean(h_s)`` in the same
 base down-projection call: ``mean(E_s) = W_down mean(h_s) + mean((alpha/r) B_ds A_ds h_s)``.
@@ -35,34 +38,39 @@ ALL_TASKS_GATE = "all_tasks"
 
 
 class LoRA(nn.Module):
-    """The low-rank update ``(alpha/r) B A dropout(x)`` of one frozen linear layer.
+    """The low-rank update ``(alpha/r) B A x`` of one frozen linear layer.
 
     Kept apart from the frozen layer so one base projection serves several experts. Trains in
-    float32 whatever the base dtype; the output is cast back to the input's dtype.
+    float32 whatever the base dtype; the output is cast back to the input's dtype. Dropout is
+    applied by the caller, once per input tensor (see `MoECLMLP`).
     """
 
-    def __init__(self, in_features: int, out_features: int, rank: int, alpha: float, dropout: float):
+    def __init__(self, in_features: int, out_features: int, rank: int, alpha: float):
         super().__init__()
         self.lora_a = nn.Parameter(torch.empty(rank, in_features))
         self.lora_b = nn.Parameter(torch.zeros(out_features, rank))
         nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
         self.scaling = alpha / rank
-        self.dropout = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (..., in_features) -> (..., out_features)"""
-        z = self.dropout(x.to(self.lora_a.dtype))
-        return (F.linear(F.linear(z, self.lora_a), self.lora_b) * self.scaling).to(x.dtype)
+    def forward(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (..., in_features) -> (..., out_features); `weight` (..., 1) multiplies each row's update.
+
+        Scaling and weight are applied in the rank-r space, where they cost r instead of out_features
+        multiplications per token."""
+        z = F.linear(x.to(self.lora_a.dtype), self.lora_a) * self.scaling
+        if weight is not None:
+            z = z * weight.to(z.dtype)
+        return F.linear(z, self.lora_b).to(x.dtype)
 
 
 class Expert(nn.Module):
     """One LoRA expert: updates to the gate, up and down projections of a gated MLP."""
 
-    def __init__(self, hidden: int, intermediate: int, rank: int, alpha: float, dropout: float):
+    def __init__(self, hidden: int, intermediate: int, rank: int, alpha: float):
         super().__init__()
-        self.gate_proj = LoRA(hidden, intermediate, rank, alpha, dropout)
-        self.up_proj = LoRA(hidden, intermediate, rank, alpha, dropout)
-        self.down_proj = LoRA(intermediate, hidden, rank, alpha, dropout)
+        self.gate_proj = LoRA(hidden, intermediate, rank, alpha)
+        self.up_proj = LoRA(hidden, intermediate, rank, alpha)
+        self.down_proj = LoRA(intermediate, hidden, rank, alpha)
 
 
 class Gate(nn.Module):
@@ -85,10 +93,12 @@ class Routing:
     a recomputation (activation checkpointing) overwrites rather than appends.
     """
 
-    task: str | None = None          # the task expert to mix in; None = the shared expert alone
-    only: str | None = None          # run this one expert alone, gate weight 1 (extract/merge checks)
+    task: str | None = None          # the gated mixture of the shared expert and this task's expert
+    summed: tuple[str, ...] | None = None  # instead: these experts at weight 1 each, no gate (baselines,
+    #                                        extract/merge checks); () = the base MLP alone
     mask: torch.Tensor | None = None  # (batch, seq) 1 for real tokens
-    collect: bool = False            # training: pooled shared output for the discriminator, gate stats
+    collect: bool = False            # training: mean gate weights per layer
+    pool: bool = False               # training: pooled shared output for the discriminators
     pooled: dict[int, torch.Tensor] = field(default_factory=dict)      # layer -> (batch, hidden)
     gate_shared: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> scalar mean g_s
 
@@ -101,21 +111,28 @@ class MoECLMLP(nn.Module):
     """
 
     def __init__(self, base_mlp: nn.Module, layer_index: int, routing: Routing, hidden: int,
-                 intermediate: int, rank: int, alpha: float, dropout: float, gate_mode: str):
+                 intermediate: int, rank: int, alpha: float, dropout: float, gate_mode: str,
+                 shared: bool = True, task_experts: bool = True):
+        """gate_mode "shared" | "per_task" | "none" (no gate: the baselines sum their experts);
+        `shared` / `task_experts`: whether this layer has a shared expert / one expert per task."""
         super().__init__()
         self.base = base_mlp
         self.layer_index = layer_index
         self.routing = routing  # shared plain object, not a submodule
-        self.expert_args = dict(hidden=hidden, intermediate=intermediate, rank=rank, alpha=alpha, dropout=dropout)
+        self.expert_args = dict(hidden=hidden, intermediate=intermediate, rank=rank, alpha=alpha)
+        # LoRA input dropout, one mask per layer input: the gate and up LoRAs of every expert read the
+        # same dropped x, and the experts' down LoRAs read their h_e dropped with one shared mask.
+        self.dropout = nn.Dropout(dropout)
         self.gate_mode = gate_mode
-        self.experts = nn.ModuleDict({SHARED: Expert(**self.expert_args)})
+        self.task_experts = task_experts
+        self.experts = nn.ModuleDict({SHARED: Expert(**self.expert_args)} if shared else {})
         self.gates = nn.ModuleDict()
         if gate_mode == "shared":
             self.gates[ALL_TASKS_GATE] = Gate(hidden)
 
     def add_task(self, task: str) -> None:
         """Create the task's expert (B = 0, so it starts as a no-op) and, per-task mode, its gate."""
-        if task not in self.experts:
+        if self.task_experts and task not in self.experts:
             self.experts[task] = Expert(**self.expert_args)
         if self.gate_mode == "per_task" and task not in self.gates:
             self.gates[task] = Gate(self.expert_args["hidden"])
@@ -124,8 +141,10 @@ class MoECLMLP(nn.Module):
         return self.gates[ALL_TASKS_GATE if self.gate_mode == "shared" else task]
 
     def trainable_modules(self, task: str) -> list[nn.Module]:
-        """What a stage on `task` trains here: the shared expert, the task's expert, its gate."""
-        return [self.experts[SHARED], self.experts[task], self.gate_for(task)]
+        """What a stage on `task` trains here: the shared expert and the task's expert (those this
+        layer has), and the task's gate if it is gated."""
+        modules = [self.experts[n] for n in (SHARED, task) if n in self.experts]
+        return modules + ([self.gate_for(task)] if self.gate_mode != "none" else [])
 
     def adapter_modules(self) -> dict[str, nn.Module]:
         """Everything this layer adds to the base, by state-dict prefix (what is saved)."""
@@ -135,36 +154,58 @@ class MoECLMLP(nn.Module):
         """x: (batch, seq, hidden) -> (batch, seq, hidden)"""
         base, route = self.base, self.routing
         g, u = base.gate_proj(x), base.up_proj(x)  # the frozen projections, computed once
-        names = [route.only] if route.only else [SHARED] if route.task is None else [SHARED, route.task]
-        experts = [self.experts[n] for n in names]
-        h = [base.act_fn(g + e.gate_proj(x)) * (u + e.up_proj(x)) for e in experts]
-        lora_down = [e.down_proj(h_e) for e, h_e in zip(experts, h)]
-        if len(experts) == 1:
-            mixed, lora_mix = h[0], lora_down[0]
-        else:
-            w = self.gate_for(route.task)(x).to(x.dtype)  # (batch, seq, 2)
-            w_s, w_t = w[..., :1], w[..., 1:]
-            mixed = w_s * h[0] + w_t * h[1]
-            lora_mix = w_s * lora_down[0] + w_t * lora_down[1]
-            if route.collect:
-                route.gate_shared[self.layer_index] = masked_mean(w_s.detach().float(), route.mask).mean()
-        if not route.collect:
+        if route.summed is not None:
+            return self._summed(x, g, u, [self.experts[n] for n in route.summed])
+        x_drop = self.dropout(x)
+        experts = [self.experts[SHARED], self.experts[route.task]]
+        h = [base.act_fn(g + e.gate_proj(x_drop)) * (u + e.up_proj(x_drop)) for e in experts]
+        h_drop = self._dropout_same_mask(h)
+        w = self.gate_for(route.task)(x).to(x.dtype)  # (batch, seq, 2)
+        w_s, w_t = w[..., :1], w[..., 1:]
+        mixed = w_s * h[0] + w_t * h[1]
+        # The gate weights of the LoRA-down terms are applied in rank space (inside LoRA).
+        lora_mix = experts[0].down_proj(h_drop[0], w_s) + experts[1].down_proj(h_drop[1], w_t)
+        if route.collect:
+            route.gate_shared[self.layer_index] = masked_mean(w_s.detach().float(), route.mask).mean()
+        if not route.pool:
             return base.down_proj(mixed) + lora_mix
         # One call of the base down projection serves the mixture and the pooled shared output.
         pooled_h = masked_mean(h[0], route.mask)  # (batch, intermediate)
         flat = mixed.reshape(-1, mixed.shape[-1])
         down = base.down_proj(torch.cat([flat, pooled_h.to(flat.dtype)]))
         out, pooled_base = down[: flat.shape[0]].view(*mixed.shape[:-1], -1), down[flat.shape[0]:]
-        route.pooled[self.layer_index] = pooled_base + masked_mean(lora_down[0], route.mask)
+        route.pooled[self.layer_index] = pooled_base + experts[0].down_proj(masked_mean(h_drop[0], route.mask))
         return out + lora_mix
+
+    def _dropout_same_mask(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Dropout with one mask for several same-shaped tensors (one random draw instead of one each)."""
+        p = self.dropout.p
+        if not self.training or p == 0:
+            return tensors
+        keep = torch.empty_like(tensors[0]).bernoulli_(1 - p).div_(1 - p)
+        return [t * keep for t in tensors]
+
+    def _summed(self, x: torch.Tensor, g: torch.Tensor, u: torch.Tensor, experts: list[Expert]) -> torch.Tensor:
+        """The base MLP with every given expert's LoRA updates added (one expert: that expert alone)."""
+        if not experts:
+            return self.base.down_proj(self.base.act_fn(g) * u)
+        x_drop = self.dropout(x)
+        for e in experts:
+            g, u = g + e.gate_proj(x_drop), u + e.up_proj(x_drop)
+        h = self.base.act_fn(g) * u
+        h_drop = self.dropout(h)
+        out = self.base.down_proj(h)
+        for e in experts:
+            out = out + e.down_proj(h_drop)
+        return out
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """Mean over the sequence of the real tokens. x: (batch, seq, d), mask: (batch, seq) -> (batch, d)"""
     if mask is None:
         return x.mean(dim=1)
-    m = mask.to(x.dtype).unsqueeze(-1)
-    return (x * m).sum(dim=1) / m.sum(dim=1).clamp_min(1)
+    m = mask.to(x.dtype)
+    return torch.bmm(m.unsqueeze(1), x).squeeze(1) / m.sum(dim=1, keepdim=True).clamp_min(1)
 
 
 

@@ -172,6 +172,7 @@ def prepare_training(s: Setup, strategy: Strategy) -> Training:
     shared = {id(p) for p in s.model.shared_expert_parameters()}
     groups = [{"params": [p for p in params if id(p) in shared], "lr": tc.lr * tc.shared_expert_lr_scale},
               {"params": [p for p in params if id(p) not in shared], "lr": tc.lr}]
+    groups = [g for g in groups if g["params"]]  # the baselines have no MoE-CL shared expert
     optimizer = torch.optim.AdamW(groups, lr=tc.lr, weight_decay=tc.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total, tc))
     n_trainable = sum(p.numel() for p in params)  # before setup: ZeRO-3 then leaves empty local views
@@ -238,13 +239,14 @@ def save_checkpoint(s: Setup, strategy: Strategy, ckpt_dir: Path, step: int, fin
     adapter tools can read the checkpoint (through zero_to_fp32) without building the model."""
     tag = f"step-{step:07d}"
     strategy.save_checkpoint(ckpt_dir, tag, {"step": step, "rng": rng_state(), "fingerprint": fingerprint})
-    strategy.barrier()
+    strategy.barrier()  # every rank's files are written
     if strategy.is_main():
         atomic.write_json(ckpt_dir / tag / CHECKPOINT_INFO, {
             "stage": s.k, "task": s.task, "step": step, "order": s.cfg.data.order,
             "learned": s.cfg.data.order[: s.k], "config": to_dict(s.cfg), "adapter_names": s.model.adapter_names(),
             "base_model": {"path": str(s.base_folder), "fingerprint": base_fingerprint(s.base_folder)},
             "previous": s.previous.manifest["files"][ADAPTERS] if s.previous else None})
+        atomic.write_text(ckpt_dir / "latest", tag)  # only now: a kill before this resumes the previous one
         for old in ckpt_dir.glob("step-*"):
             if old.name != tag:
                 shutil.rmtree(old, ignore_errors=True)
@@ -376,6 +378,8 @@ def _accumulate(window: dict, out, weight: float) -> None:
     if out.disc_loss is not None:
         window["disc_loss"] = window.get("disc_loss", 0.0) + weight * out.disc_loss.item()
         window["disc_acc"] = window.get("disc_acc", 0.0) + weight * out.disc_acc.item()
+    if out.orth_loss is not None:
+        window["orth_loss"] = window.get("orth_loss", 0.0) + weight * out.orth_loss.item()
     for i, g in enumerate(out.gate_shared):
         window[f"gate_{i}"] = window.get(f"gate_{i}", 0.0) + weight * g
     window["tokens"] = window.get("tokens", 0.0) + out.tokens
@@ -393,7 +397,7 @@ def _check_compatible(previous: StageRecord, cfg: Config) -> None:
     """Stage K must use the experts config and base model of stage K-1."""
     before = previous.manifest["config"]
     diffs = [f"experts.{k}: {v!r} -> {getattr(cfg.experts, k)!r}" for k, v in before["experts"].items()
-             if k != "adversarial_weight" and getattr(cfg.experts, k) != v]
+             if k not in ("adversarial_weight", "orthogonal_weight") and getattr(cfg.experts, k) != v]
     if before["model"]["path"] != cfg.model.path:
         diffs.append(f"model.path: {before['model']['path']!r} -> {cfg.model.path!r}")
     if diffs:
