@@ -1,0 +1,63 @@
+"""The benchmark tools run end to end on a tiny model and report what they claim to measure.
+(They measure speed; these tests check their plumbing and arithmetic, never a timing.)"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from .conftest import REPO
+
+
+def _tool(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def test_benchmark_cl_runs_methods_and_tabulates_their_metrics(tmp_path, model_cache):
+    out = tmp_path / "bench"
+    args = ["tools/benchmark_cl.py", "configs/tiny.yaml", "--orders", "config", "--methods", "seq_lora,per_task_lora",
+            "--seeds", "0,1", "--out", str(out), f"model.cache_dir={model_cache}", f"data.cache_dir={tmp_path / 'c'}",
+            "data.max_train_examples=32", "data.max_eval_examples=12"]
+    first = _tool(*args)
+    result = json.loads((out / "results.json").read_text())
+    assert set(result["methods"]) == {"seq_lora", "per_task_lora"}
+    for method, row in result["methods"].items():
+        runs = [json.loads((out / "orderconfig" / method / f"seed{s}" / "metrics.json").read_text()) for s in (0, 1)]
+        acc = [r["ACC"] for r in runs]
+        assert row["orders"]["config"]["ACC"]["mean"] == pytest.approx(sum(acc) / 2)
+        assert row["orders"]["config"]["ACC"]["std"] == pytest.approx(abs(acc[0] - acc[1]) / 2)
+        assert row["orders"]["config"]["seeds"] == 2
+    md = (out / "results.md").read_text()
+    assert "| seq_lora |" in md and "| per_task_lora |" in md and "MoE-CL | Llama-2-7B | 80.5" in md
+    assert (out / "heatmaps.png").read_bytes()[:4] == b"\x89PNG"
+    assert "running" in first.stdout
+    again = _tool(*args)  # finished runs are kept, not redone
+    assert "running" not in again.stdout and again.stdout.count("already complete") == 4
+
+
+def test_benchmark_cl_rejects_unknown_methods_and_orders():
+    for flag, value, message in (("--methods", "lora2", "unknown ['lora2']"), ("--orders", "4", "unknown ['4']")):
+        proc = subprocess.run([sys.executable, "tools/benchmark_cl.py", "configs/tiny.yaml", flag, value], cwd=REPO,
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2 and message in proc.stderr
+
+
+def test_bench_step_reports_every_ratio_in_its_last_line(model_cache):
+    proc = _tool("tools/bench_step.py", "--model", "builtin:tiny-llama", "--cache-dir", str(model_cache),
+                 "--reps", "1", "--batch", "2", "--seq", "64", "--eval-rows", "4")
+    figures = json.loads(proc.stdout.strip().splitlines()[-1])
+    steps = figures["step_seconds"]
+    assert set(steps) == {"lora", "moe_cl", "naive", "tasks4", "tasks16"} and all(t > 0 for t in steps.values())
+    assert figures["moe_cl_over_lora"] == pytest.approx(steps["moe_cl"] / steps["lora"])
+    assert figures["naive_over_lora"] == pytest.approx(steps["naive"] / steps["lora"])
+    assert figures["tasks16_over_tasks1"] == pytest.approx(steps["tasks16"] / steps["moe_cl"])
+    # Two experts keep more activations than one LoRA; the count is deterministic, not a timing.
+    assert figures["saved_bytes"]["moe_cl"] > figures["saved_bytes"]["lora"] > 0
+    assert figures["scoring_examples_per_s"] > 0 and figures["generation_examples_per_s"] > 0
