@@ -257,6 +257,9 @@ def test_olora_penalty_is_the_l1_of_a_products_and_reaches_only_the_new_expert(t
     model.add_task("a")
     model.add_task("b")
     model.freeze_all_but("b")
+    model.train()
+    x = torch.randint(0, 1000, (1, 5))
+    model(x, torch.ones_like(x), x, "b")
     loss = model.orthogonality_loss("b")
     expected = sum((getattr(layer.experts["b"], p).lora_a @ getattr(layer.experts["a"], p).lora_a.T).abs().sum()
                    for layer in model.moe_layers for p in ("gate_proj", "up_proj", "down_proj"))
@@ -265,8 +268,6 @@ def test_olora_penalty_is_the_l1_of_a_products_and_reaches_only_the_new_expert(t
     assert model.moe_layers[0].experts["b"].up_proj.lora_a.grad.abs().sum() > 0
     assert model.moe_layers[0].experts["a"].up_proj.lora_a.grad is None
     # Inference is task-id free: every learned LoRA at once, whichever task is asked for.
-    _fill_experts(model.moe_layers[0], seed=5)
-    x = torch.randint(0, 1000, (1, 5))
     with torch.no_grad():
         for task in ("a", "b", None):
             model._route(task, torch.ones_like(x), collect=False)

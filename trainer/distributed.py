@@ -347,10 +347,6 @@ def build_ds_config(cfg: Config, world_size: int) -> dict:
     stage = zero.get("stage", 0)
     if stage not in (0, 1, 2, 3):
         errors.append(f"zero_optimization.stage must be 0-3, got {stage!r}")
-    if stage == 3 and cfg.experts.method == "olora":
-        errors.append("experts.method=olora is not supported with ZeRO-3 yet: its penalty reads the earlier tasks' "
-                      "A matrices outside their modules' forward, where ZeRO-3 keeps them partitioned; use "
-                      "ds_configs/zero2.json or a single process")
     if "offload_param" in zero and stage != 3:
         errors.append(f"zero_optimization.offload_param needs stage 3 (this file has stage {stage})")
     if errors:

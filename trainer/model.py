@@ -138,6 +138,12 @@ class MoECLModel(nn.Module):
         params = self.trainable_parameters(task)
         for p in params:
             p.requires_grad_(True)
+        earlier = self.learned_tasks[: self.learned_tasks.index(task)]
+        if self.method == "olora" and earlier:  # earlier A matrices as they are now: frozen for this stage
+            for layer in self.moe_layers:
+                for proj in ("gate_proj", "up_proj", "down_proj"):
+                    olds = [getattr(layer.experts[s], proj).lora_a.detach() for s in earlier]
+                    getattr(layer.experts[task], proj).orthogonal_to = torch.cat(olds).clone()
         return params
 
     def adapter_names(self) -> dict[str, str]:
@@ -175,16 +181,10 @@ class MoECLModel(nn.Module):
         return StepOutput(loss, task_loss, disc_loss, orth_loss, disc_acc, gates, int(attention_mask.sum()))
 
     def orthogonality_loss(self, task: str) -> torch.Tensor:
-        """O-LoRA's penalty: sum over layers and projections of |A_task A_s^T| for every earlier task s."""
-        earlier = self.learned_tasks[: self.learned_tasks.index(task)]
-        terms = []
-        for layer in self.moe_layers:
-            new = layer.experts[task]
-            for s in earlier:
-                for proj in ("gate_proj", "up_proj", "down_proj"):
-                    a_new, a_old = getattr(new, proj).lora_a, getattr(layer.experts[s], proj).lora_a
-                    terms.append((a_new @ a_old.detach().T).abs().sum())
-        return torch.stack(terms).sum()
+        """O-LoRA's penalty, sum over layers and projections of |A_task A_s^T| for every earlier task s,
+        as computed by `task`'s LoRAs in the last training forward (see `freeze_all_but`)."""
+        return torch.stack([getattr(layer.experts[task], p).penalty
+                            for layer in self.moe_layers for p in ("gate_proj", "up_proj", "down_proj")]).sum()
 
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, task: str | None,
                       collect: bool = False, only: str | None = None) -> torch.Tensor:

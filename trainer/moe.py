@@ -51,12 +51,18 @@ class LoRA(nn.Module):
         self.lora_b = nn.Parameter(torch.zeros(out_features, rank))
         nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
         self.scaling = alpha / rank
+        # O-LoRA: earlier tasks' A matrices stacked (frozen, so a plain buffer that ZeRO-3 leaves whole);
+        # a training forward then leaves sum |A A_earlier^T| in `penalty`, computed here, where A is gathered.
+        self.register_buffer("orthogonal_to", None, persistent=False)
+        self.penalty: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
         """x: (..., in_features) -> (..., out_features); `weight` (..., 1) multiplies each row's update.
 
         Scaling and weight are applied in the rank-r space, where they cost r instead of out_features
         multiplications per token."""
+        if self.training and self.orthogonal_to is not None:
+            self.penalty = (self.lora_a @ self.orthogonal_to.to(self.lora_a.dtype).T).abs().sum()
         z = F.linear(x.to(self.lora_a.dtype), self.lora_a) * self.scaling
         if weight is not None:
             z = z * weight.to(z.dtype)
