@@ -72,3 +72,12 @@ def test_round_trip_through_dict_and_yaml():
     cfg = load_config(REPO / "configs" / "tiny.yaml", ["train.lr=3e-4"])
     assert from_dict(to_dict(cfg)) == cfg
     assert from_dict(yaml.safe_load(dump_yaml(cfg))) == cfg
+
+
+def test_overrides_may_also_follow_the_options(tmp_path):
+    from .conftest import run_cli
+
+    out = run_cli("submit", "configs/tiny.yaml", "--dry-run", "slurm.nodes=3", f"run.dir={tmp_path}").stdout
+    assert out.count("--nodes=3") == 2  # one job per stage, both with the override
+    proc = run_cli("submit", "configs/tiny.yaml", "--dry-run", "--bogus", check=False)
+    assert proc.returncode == 2 and "unrecognized arguments: --bogus" in proc.stderr

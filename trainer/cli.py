@@ -83,7 +83,13 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     # The deepspeed launcher inserts --local_rank=N; LOCAL_RANK in the environment says the same.
     argv = [a for a in argv if not a.startswith(("--local_rank=", "--local-rank="))]
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # Overrides may also follow the options (`stage CONFIG --stage 2 train.lr=1e-4`).
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if not hasattr(args, "overrides") or any("=" not in e or e.startswith("-") for e in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = list(args.overrides) + extra
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     _quiet_libraries()
     from . import recipe
