@@ -39,8 +39,8 @@ from trainer.base import load_base  # noqa: E402
 from trainer.config import DataConfig, ExpertsConfig, ModelConfig  # noqa: E402
 from trainer.data import PromptFormat, collate, load_tasks  # noqa: E402
 from trainer.evaluate import evaluate  # noqa: E402
-from trainer.model import MoECLModel  # noqa: E402
-from trainer.moe import SHARED  # noqa: E402
+from trainer.model import MoECLModel, answer_loss  # noqa: E402
+from trainer.moe import SHARED, masked_mean  # noqa: E402
 from trainer.distributed import LocalStrategy  # noqa: E402
 
 
@@ -53,8 +53,6 @@ def naive_forward(self, x: torch.Tensor) -> torch.Tensor:
         outs.append(base.down_proj(h) + e.down_proj(drop(h)))
     w = self.gate_for(route.task)(x).to(x.dtype)
     if route.pool:  # the discriminators read the shared expert's pooled output, as in MoE-CL
-        from trainer.moe import masked_mean
-
         route.pooled[self.layer_index] = masked_mean(outs[0], route.mask)
     return w[..., :1] * outs[0] + w[..., 1:] * outs[1]
 
@@ -102,13 +100,6 @@ class Variant:
         moments = sum(t.numel() * t.element_size() for st in self.opt.state.values() for t in st.values()
                       if torch.is_tensor(t) and t.dim() > 0)
         return params + moments
-
-
-def answer_loss(head, hidden, labels):
-    """The trainer's loss: cross-entropy on the answer tokens only, vocabulary projection on them alone."""
-    targets = labels[:, 1:]
-    keep = targets != -100
-    return torch.nn.functional.cross_entropy(head(hidden[:, :-1][keep]).float(), targets[keep])
 
 
 def moecl_variant(name: str, base, order: list[str], task: str, cfg: ExpertsConfig, naive: bool = False) -> Variant:

@@ -37,6 +37,13 @@ METHODS = {
 }
 
 
+def answer_loss(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy on the labelled positions; `head` runs on those positions only."""
+    targets = labels[:, 1:]
+    keep = targets != IGNORE
+    return F.cross_entropy(head(hidden[:, :-1][keep]).float(), targets[keep])
+
+
 def method_experts(method: str, learned: list[str]) -> list[str]:
     """The experts a model of `method` holds after learning `learned`."""
     shared, per_task, _, _ = METHODS[method]
@@ -200,10 +207,7 @@ class MoECLModel(nn.Module):
         The vocabulary projection runs on those positions alone: (answer tokens, vocab) logits,
         not (batch * seq, vocab).
         """
-        targets = labels[:, 1:]
-        keep = targets != IGNORE
-        logits = self.base.get_output_embeddings()(hidden[:, :-1][keep])
-        return F.cross_entropy(logits.float(), targets[keep])
+        return answer_loss(self.base.get_output_embeddings(), hidden, labels)
 
     def logits_at(self, hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Vocabulary logits at one position per row. hidden: (batch, seq, hidden), positions: (batch,)"""
