@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -34,6 +35,12 @@ def test_benchmark_cl_runs_methods_and_tabulates_their_metrics(tmp_path, model_c
         assert row["orders"]["config"]["ACC"]["mean"] == pytest.approx(sum(acc) / 2)
         assert row["orders"]["config"]["ACC"]["std"] == pytest.approx(abs(acc[0] - acc[1]) / 2)
         assert row["orders"]["config"]["seeds"] == 2
+        # Test-set standard error of ACC: binomial, from the final row and the 12 test rows per task.
+        se = [math.sqrt(sum(a * (1 - a) / 12 for a in r["accuracy"][-1])) / len(r["tasks"]) for r in runs]
+        for s in (0, 1):
+            assert result["runs"][f"{method}/orderconfig/seed{s}"]["ACC_se"] == pytest.approx(se[s])
+        assert row["orders"]["config"]["ACC_se"] == pytest.approx(math.hypot(*se) / 2)
+        assert f"{100 * row['mean_ACC']:.1f} ± {100 * row['mean_ACC_se']:.1f} |" in (out / "results.md").read_text()
     md = (out / "results.md").read_text()
     assert "| seq_lora |" in md and "| per_task_lora |" in md and "MoE-CL | Llama-2-7B | 80.5" in md
     assert (out / "heatmaps.png").read_bytes()[:4] == b"\x89PNG"

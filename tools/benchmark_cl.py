@@ -8,14 +8,21 @@ For every order x method x seed it runs `python -m trainer sequence CONFIG` with
 `data.order` and `run.seed` set (one run folder each, `OUT/order<o>/<method>/seed<s>`, log beside it);
 finished runs are kept, so rerunning after an interruption continues where it stopped. Then it writes
 `OUT/results.json` and `OUT/results.md` (ACC, BWT, FWT per method and order: mean and spread over
-seeds, and the mean ACC over orders) and `OUT/heatmaps.png` (every run's accuracy matrix).
+seeds, and the mean ACC over orders with its test-set standard error) and `OUT/heatmaps.png` (every
+run's accuracy matrix).
+
+The standard error says how far two ACCs may differ by the luck of a finite test set alone: each
+final accuracy a on n test rows is a binomial proportion, so ACC (the mean over T tasks) has
+s.e. = sqrt(sum a (1 - a) / n) / T; means over seeds and orders combine their runs' errors.
 Orders are the MTL5 orders of O-LoRA / MoE-CL; `--orders config` uses the config's own data.order.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import math
 import shlex
 import statistics
 import subprocess
@@ -28,6 +35,7 @@ sys.path.insert(0, str(REPO))
 
 from trainer import atomic  # noqa: E402
 from trainer.config import ConfigError, load_config  # noqa: E402
+from trainer.data import load_tasks  # noqa: E402
 from trainer.metrics import draw_matrix, save_png  # noqa: E402
 from trainer.model import METHODS  # noqa: E402
 
@@ -67,8 +75,23 @@ def complete(run_dir: Path, order: list[str]) -> dict | None:
     return None
 
 
+def test_rows(run_dir: Path) -> dict[str, int]:
+    """Test rows per task as the run evaluated them: its saved config through the trainer's data loader."""
+    cfg = load_config(run_dir / "config.yaml")
+    root = Path(cfg.data.root).expanduser()
+    data = dataclasses.replace(cfg.data, root=str(root if root.is_absolute() else REPO / root))
+    return {t.name: len(t.test) for t in load_tasks(data, cfg.run.seed)}
+
+
+def acc_standard_error(m: dict, rows: dict[str, int]) -> float:
+    """Binomial standard error of ACC (the mean of the final accuracy row) from the test-set sizes."""
+    final = m["accuracy"][-1]
+    return math.sqrt(sum(a * (1 - a) / rows[t] for t, a in zip(m["tasks"], final))) / len(final)
+
+
 def summarize(runs: dict[tuple[str, str, int], dict], orders: dict[str, list[str]], methods: list[str]) -> dict:
-    """Per method and order: mean and spread (population std; 0 for one seed) of ACC, BWT, FWT over seeds."""
+    """Per method and order: mean and spread (population std; 0 for one seed) of ACC, BWT, FWT over seeds,
+    and the test-set standard error of the mean ACC (each run's metrics carry their `ACC_se`)."""
     table = {}
     for method in methods:
         per_order = {}
@@ -79,25 +102,29 @@ def summarize(runs: dict[tuple[str, str, int], dict], orders: dict[str, list[str
             per_order[o] = {k: {"mean": statistics.fmean(m[k] for m in ms), "std": statistics.pstdev(m[k] for m in ms)}
                             for k in ("ACC", "BWT", "FWT")}
             per_order[o]["seeds"] = len(ms)
+            per_order[o]["ACC_se"] = math.sqrt(sum(m["ACC_se"] ** 2 for m in ms)) / len(ms)
         if per_order:
             table[method] = {"orders": per_order,
-                             "mean_ACC": statistics.fmean(v["ACC"]["mean"] for v in per_order.values())}
+                             "mean_ACC": statistics.fmean(v["ACC"]["mean"] for v in per_order.values()),
+                             "mean_ACC_se": math.sqrt(sum(v["ACC_se"] ** 2 for v in per_order.values())) / len(per_order)}
     return table
 
 
 def markdown(table: dict, orders: dict[str, list[str]], header: str) -> str:
     o_names = [o for o in orders if any(o in t["orders"] for t in table.values())]
     cols = " | ".join(f"order {o}: ACC / BWT / FWT" for o in o_names)
-    lines = [header, "", f"| method | {cols} | mean ACC |", "|---|" + "---|" * len(o_names) + "---|"]
+    lines = [header, "", f"| method | {cols} | mean ACC ± test s.e. |", "|---|" + "---|" * len(o_names) + "---|"]
     pm = lambda v: f"{100 * v['mean']:.1f}" + (f" ± {100 * v['std']:.1f}" if v["std"] else "")  # noqa: E731
     for method, t in table.items():
         cells = []
         for o in o_names:
             r = t["orders"].get(o)
             cells.append(f"{pm(r['ACC'])} / {pm(r['BWT'])} / {pm(r['FWT'])}" if r else "-")
-        lines.append(f"| {method} | {' | '.join(cells)} | {100 * t['mean_ACC']:.1f} |")
+        lines.append(f"| {method} | {' | '.join(cells)} | {100 * t['mean_ACC']:.1f} ± {100 * t['mean_ACC_se']:.1f} |")
     lines += ["", "Orders: " + "; ".join(f"{o} = {' → '.join(orders[o])}" for o in o_names),
-              "Accuracy in %; BWT/FWT in points; ± is the spread over seeds.", "",
+              "Accuracy in %; BWT/FWT in points; ± in the order columns is the spread over seeds; the test s.e. is "
+              "the binomial standard error from the finite test sets: a gap between two methods smaller than "
+              "2 sqrt(s1² + s2²) is within what the test sets alone produce.", "",
               "Reference (a secondary summary of the papers, not measured here; mean ACC over MTL5 orders 1-3):", "",
               "| method | base | mean ACC |", "|---|---|---|"]
     lines += [f"| {m} | {b} | {a} |" for m, b, a in REFERENCE]
@@ -171,8 +198,10 @@ def main(argv=None) -> dict:
             m = complete(run_dir, orders[o])
         else:
             print(f"{label}: already complete", flush=True)
+        m["ACC_se"] = acc_standard_error(m, test_rows(run_dir))
         runs[(method, o, seed)] = m
-        print(f"{label}: ACC {m['ACC']:.3f}  BWT {m['BWT']:+.3f}  FWT {m['FWT']:+.3f}", flush=True)
+        print(f"{label}: ACC {m['ACC']:.3f} (test s.e. {m['ACC_se']:.3f})  BWT {m['BWT']:+.3f}  FWT {m['FWT']:+.3f}",
+              flush=True)
     table = summarize(runs, orders, methods)
     header = (f"Continual learning on MTL5, {Path(cfg.model.path).name if not cfg.model.path.startswith('builtin:') else cfg.model.path}, "
               f"{cfg.train.max_steps or cfg.train.epochs} {'steps' if cfg.train.max_steps else 'epochs'} of "
@@ -180,8 +209,8 @@ def main(argv=None) -> dict:
               f"{cfg.data.max_train_examples or 'all'} train / {cfg.data.max_eval_examples or 'all'} test rows per task, "
               f"seeds {','.join(map(str, seeds))} ({args.config})")
     result = {"config": str(args.config), "overrides": args.overrides, "orders": orders, "seeds": seeds,
-              "methods": table, "runs": {f"{m}/order{o}/seed{s}": {k: r[k] for k in ("ACC", "BWT", "FWT", "accuracy",
-                                                                                  "baseline", "tasks")}
+              "methods": table, "runs": {f"{m}/order{o}/seed{s}": {k: r[k] for k in ("ACC", "ACC_se", "BWT", "FWT",
+                                                                                  "accuracy", "baseline", "tasks")}
                                          for (m, o, s), r in runs.items()},
               "seconds": seconds, "reference": [{"method": m, "base": b, "mean_ACC": a} for m, b, a in REFERENCE]}
     atomic.write_json(out / "results.json", result)
