@@ -117,9 +117,11 @@ def main(argv: list[str] | None = None) -> int:
             result = recipe.evaluate_stage(cfg, args.stage, args.split, strategy)
             if args.json:
                 strategy.print(json.dumps(result))
+        strategy.close()
         return 0
-    except Interrupted as e:
+    except Interrupted as e:  # every rank stops at the same step (stop_requested is a collective)
         strategy.print(str(e))
+        strategy.close()
         return EXIT_REQUEUE
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)

@@ -67,6 +67,9 @@ class Strategy:
     def barrier(self) -> None:
         pass
 
+    def close(self) -> None:
+        """End of a command that every rank finished: release the process group."""
+
     def print(self, msg: str) -> None:
         """Progress output, from the main process only."""
         if self.is_main():
@@ -216,6 +219,17 @@ class DeepSpeedStrategy(Strategy):
         import torch.distributed as dist
 
         dist.barrier()
+
+    def close(self):
+        # Without this, gloo's worker threads can outlive the interpreter's teardown and abort the
+        # process ("terminate called without an active exception") after a successful run. Only
+        # called once every rank got here (never after an error: a rank still in a collective
+        # would leave the others waiting in the barrier).
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
 
     def all_reduce(self, metrics, op="sum"):
         import torch.distributed as dist
