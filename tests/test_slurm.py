@@ -16,6 +16,7 @@ import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -74,6 +75,19 @@ def _wait(job_id: str, states: tuple[str, ...], timeout: float = 400) -> dict:
             return job
         time.sleep(1)
     raise AssertionError(f"job {job_id} not in {states} after {timeout}s: {_job(job_id)}")
+
+
+def _processes_naming(*texts: str) -> list[str]:
+    """Command lines of this machine's processes that contain any of `texts`."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            args = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:  # exited meanwhile
+            continue
+        if any(t in args for t in texts):
+            found.append(args.strip())
+    return found
 
 
 def _log(tmp_path, pattern: str) -> str:
@@ -154,7 +168,16 @@ def test_usr1_checkpoints_requeues_and_resumes_to_the_same_result(slurm_cluster,
     while _job(job).get("Restarts", "0") == "0" or _job(job)["JobState"] not in ("PENDING", "RUNNING", "COMPLETED"):
         assert time.time() < deadline, _log(tmp_path, "*")
         time.sleep(0.5)
-    # Slurm holds a requeued job for a while (BeginTime); a test need not wait for it.
+    # Slurm holds a requeued job for a while (BeginTime); a test need not wait for it, but it must let the
+    # first run's processes finish exiting: a batch job started onto a node still tearing down its
+    # previous run is killed ("Job credential revoked"), which Slurm's own hold normally prevents.
+    # The nodes are emulated on this machine, so those processes are visible here: the trainer's (their
+    # argv names the run folder) and the step daemons ("slurmstepd: [JOB.0]"); sinfo already says "idle"
+    # while they exit.
+    deadline = time.time() + 120
+    while left := _processes_naming(str(tmp_path / "run"), f"slurmstepd: [{job}."):
+        assert time.time() < deadline, f"the first run's processes did not exit: {left}"
+        time.sleep(0.2)
     subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], capture_output=True)
     final = _wait(job, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), timeout=600)
     log = _log(tmp_path, "stage-1-agnews-*.out")
