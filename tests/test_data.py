@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 
+from trainer.base import load_tokenizer
 from trainer.config import DataConfig
-from trainer.data import (DataError, PromptFormat, collate, load_task, load_tasks, step_batches, steps_per_epoch,
-                          subsample)
+from trainer.data import (DataError, PromptFormat, _split_at, collate, load_task, load_tasks, step_batches,
+                          steps_per_epoch, subsample)
+from trainer.evaluate import single_token_options
 from trainer.model import IGNORE
 
 from .conftest import DATA
@@ -65,19 +69,6 @@ def test_prompt_uses_chat_template_and_labels_only_the_answer(tmp_path, smollm2_
     assert enc.options == [[smollm2_tokenizer.convert_tokens_to_ids(c)] for c in "ABCD"]
 
 
-def test_long_text_is_cut_inside_the_text_never_options_or_answer(tmp_path, smollm2_tokenizer):
-    cfg = _cfg(tmp_path, max_length=140, order=["yelp"])
-    task = load_tasks(cfg, seed=0)[0]
-    fmt = PromptFormat(smollm2_tokenizer, cfg)
-    enc = fmt.encode(task, "train")
-    lengths = [len(r["input_ids"]) for r in enc.rows]
-    assert max(lengths) <= 140 and sum(n >= 138 for n in lengths) > 10  # many yelp reviews were cut
-    for row in enc.rows:
-        text = smollm2_tokenizer.decode(row["input_ids"])
-        assert "E. very positive\n\nAnswer with the letter of the correct option.<|im_end|>" in text
-        assert text.endswith("ABCDE"[row["label"]] + "<|im_end|>")
-
-
 def test_label_answers(tmp_path, smollm2_tokenizer):
     cfg = _cfg(tmp_path, answer="label")
     task = load_tasks(cfg, seed=0)[0]
@@ -115,13 +106,128 @@ def _sentencepiece_tokenizer(tmp_path):
     (folder / "tokenizer.model").write_bytes(model.getvalue())
     (folder / "tokenizer_config.json").write_text(json.dumps(
         {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}))
-    from trainer.base import load_tokenizer
-
     return load_tokenizer(folder)
 
 
-def test_sentencepiece_tokenizer_without_chat_template(tmp_path):
-    tok = _sentencepiece_tokenizer(tmp_path)
+@pytest.fixture(scope="module")
+def sp_tokenizer(tmp_path_factory):
+    return _sentencepiece_tokenizer(tmp_path_factory.mktemp("sp"))
+
+
+@pytest.fixture(scope="module")
+def mistral_tokenizer(tmp_path_factory):
+    """Mistral-7B-v0.1's real 32k sentencepiece tokenizer (shipped inside mistral_common), configured as
+    Mistral ships it: BOS added, no chat template."""
+    spec = importlib.util.find_spec("mistral_common")  # locates the package without importing it
+    model = Path(spec.origin).parent / "data" / "tokenizer.model.v1" if spec else None
+    if model is None or not model.is_file():
+        pytest.skip("needs Mistral-7B-v0.1's tokenizer.model from the mistral-common package "
+                    "(pip install --no-deps mistral-common)")
+    folder = tmp_path_factory.mktemp("mistral")
+    shutil.copy(model, folder / "tokenizer.model")
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+         "add_bos_token": True, "add_eos_token": False}))
+    return load_tokenizer(folder)
+
+
+@pytest.fixture()
+def tokenizer(request):
+    """The tokenizer fixture named by the test's parameter."""
+    return request.getfixturevalue(request.param)
+
+
+TOKENIZERS = ["smollm2_tokenizer", "mistral_tokenizer", "sp_tokenizer"]
+
+
+def _rendered(tok, task, text: str, answer: str) -> str:
+    """The prompt of a classification row as the format is specified, written out here independently."""
+    if answer == "letter":
+        options = "\n".join(f"{c}. {label}" for c, label in zip("ABCDE", task.labels))
+        ask = "Answer with the letter of the correct option."
+    else:
+        options = "\n".join(f"- {label}" for label in task.labels)
+        ask = "Answer with the correct option."
+    user = f"{task.instruction}\n\nText: {text}\n\nOptions:\n{options}\n\n{ask}"
+    if tok.chat_template:
+        return tok.apply_chat_template([{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True)
+    return user + "\nAnswer:"
+
+
+def _spoken(tok, answer: str) -> str:
+    return answer if tok.chat_template else " " + answer
+
+
+def _whole(tok, s: str) -> list[int]:
+    """`s` encoded at once, as the tokenizer encodes it; the plain path (no chat template) starts with BOS."""
+    ids = tok(s)["input_ids"]
+    return ids if tok.chat_template or ids[:1] == [tok.bos_token_id] else [tok.bos_token_id] + ids
+
+
+@pytest.mark.parametrize("answer", ["letter", "label"])
+@pytest.mark.parametrize("tokenizer", TOKENIZERS, indirect=True)
+def test_prompt_and_answer_are_the_whole_string_encoded_at_once(tmp_path, tokenizer, answer):
+    cfg = _cfg(tmp_path, max_length=1024, answer=answer, max_eval_examples=24)
+    task = load_tasks(cfg, seed=0)[0]
+    enc = PromptFormat(tokenizer, cfg).encode(task, "test")
+    answers = list("ABCD") if answer == "letter" else task.labels
+    eos = tokenizer.eos_token_id
+    for source, row in zip(task.test, enc.rows, strict=True):
+        prompt = _rendered(tokenizer, task, source["text"], answer)
+        assert row["input_ids"] == _whole(tokenizer, prompt + _spoken(tokenizer, answers[source["label"]])) + [eos]
+        assert row["input_ids"][: row["prompt_len"]] == _whole(tokenizer, prompt)  # what evaluation sees
+        assert row["labels"] == [IGNORE] * row["prompt_len"] + enc.options[source["label"]] + [eos]
+
+
+def test_mistral_letter_options_are_single_distinct_tokens_and_seams_have_no_stray_space(tmp_path, mistral_tokenizer):
+    tok = mistral_tokenizer
+    cfg = _cfg(tmp_path, max_length=1024)
+    task = load_tasks(cfg, seed=0)[0]
+    enc = PromptFormat(tok, cfg).encode(task, "test")
+    assert [tok.convert_ids_to_tokens(o) for o in enc.options] == [["▁A"], ["▁B"], ["▁C"], ["▁D"]]
+    assert single_token_options(enc.options)  # evaluation takes the one-forward-pass path
+    for source, row in zip(task.test, enc.rows, strict=True):
+        tokens = tok.convert_ids_to_tokens(row["input_ids"])
+        assert tokens[-2:] == ["▁" + "ABCD"[source["label"]], "</s>"]
+        # Encoded apart, each piece began with its own "▁": "Text", ":", "▁", "▁Title", ... "<0x0A>", "▁",
+        # "<0x0A>", "<0x0A>", "Options" (every agnews text starts with "Title:" and ends with a newline).
+        start, end = tokens.index(":") + 1, tokens.index("Options")
+        assert tokens[start] == "▁Title" and tokens[end - 3:end] == ["<0x0A>"] * 3
+        assert tokens[end - 4] != "▁" or source["text"].endswith(" \n")
+
+
+@pytest.mark.parametrize("tokenizer,max_length", [("smollm2_tokenizer", 140), ("mistral_tokenizer", 120),
+                                                  ("sp_tokenizer", 170)], indirect=["tokenizer"])
+def test_long_text_is_cut_inside_the_text_never_options_or_answer(tmp_path, tokenizer, max_length):
+    cfg = _cfg(tmp_path, max_length=max_length, order=["yelp"], max_train_examples=80)
+    task = load_tasks(cfg, seed=0)[0]
+    enc = PromptFormat(tokenizer, cfg).encode(task, "train")
+    before, after = _rendered(tokenizer, task, "\0", "letter").split("\0")
+    skip = 0 if tokenizer.chat_template else 1  # BOS
+    cut = 0
+    for source, row in zip(task.train, enc.rows, strict=True):
+        ids = row["input_ids"]
+        assert len(ids) <= max_length
+        prompt = tokenizer.decode(ids[skip: row["prompt_len"]], clean_up_tokenization_spaces=False)
+        assert prompt.startswith(before) and prompt.endswith(after)  # frame and options whole
+        text = prompt[len(before): len(prompt) - len(after)]
+        assert text and source["text"].startswith(text)
+        cut += len(text) < len(source["text"])
+        answer = _spoken(tokenizer, "ABCDE"[source["label"]])
+        assert ids == _whole(tokenizer, before + text + after + answer) + [tokenizer.eos_token_id]
+        assert row["labels"] == [IGNORE] * row["prompt_len"] + enc.options[source["label"]] + [tokenizer.eos_token_id]
+    assert cut > 10  # many yelp reviews were cut
+
+
+def test_a_token_across_the_prompt_answer_boundary_is_an_error():
+    offsets = [(0, 0), (0, 4), (4, 7), (7, 9)]
+    assert _split_at(offsets, 7, Path("train.json row 0")) == 3
+    with pytest.raises(DataError, match=r"train.json row 0: the tokenizer merges the end of the prompt and the start"):
+        _split_at(offsets, 6, Path("train.json row 0"))
+
+
+def test_sentencepiece_tokenizer_without_chat_template(tmp_path, sp_tokenizer):
+    tok = sp_tokenizer
     assert type(tok).__name__ == "LlamaTokenizer" and not tok.chat_template
     cfg = _cfg(tmp_path, max_length=120)
     task = load_tasks(cfg, seed=0)[0]
@@ -129,7 +235,8 @@ def test_sentencepiece_tokenizer_without_chat_template(tmp_path):
     assert all(len(o) == 1 for o in enc.options) and len({o[0] for o in enc.options}) == 4
     for row in list(enc.rows)[:20]:
         assert row["input_ids"][0] == tok.bos_token_id and len(row["input_ids"]) <= 120
-        assert tok.decode(row["input_ids"][: row["prompt_len"]]).rstrip().endswith("D. Science or Technology\n\nAnswer with the letter of the correct option.\nAnswer:")
+        assert tok.decode(row["input_ids"][: row["prompt_len"]]).endswith(
+            "D. Science or Technology\n\nAnswer with the letter of the correct option.\nAnswer:")
         assert row["input_ids"][-1] == tok.eos_token_id
 
 
@@ -146,6 +253,9 @@ def test_generation_jsonl(tmp_path, smollm2_tokenizer):
     row = enc.rows[0]
     assert smollm2_tokenizer.decode([t for t in row["labels"] if t != IGNORE]) == row["target"] + "<|im_end|>"
     assert "Repeat the word.\n\nword" in smollm2_tokenizer.decode(row["input_ids"])
+    prompt = smollm2_tokenizer.apply_chat_template([{"role": "user", "content": "Repeat the word.\n\nword0"}],
+                                                   tokenize=False, add_generation_prompt=True)
+    assert row["input_ids"] == _whole(smollm2_tokenizer, prompt + "word0") + [smollm2_tokenizer.eos_token_id]
 
 
 # -- errors name the file, row and field --------------------------------------------------------

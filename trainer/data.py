@@ -9,8 +9,9 @@ Two on-disk formats, one folder per task under `data.root`:
 
 A classification row becomes an instruction (the task's instruction, the text, the labels as lettered
 options) answered by the option's letter or its label text; it goes through the tokenizer's chat
-template when there is one. Loss falls on the answer tokens only, and a long text is cut inside the
-text, never in the options or the answer. Tokenization runs through `datasets.map` with its cache.
+template when there is one. Prompt and answer are encoded as one string, so tokens are those of the
+whole rendered text; loss falls on the answer tokens only, and a long text is cut inside the text,
+never in the options or the answer. Tokenization runs through `datasets.map` with its cache.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ INSTRUCTIONS = {  # MTL5 tasks; others get GENERIC_INSTRUCTION unless data.instr
 }
 GENERIC_INSTRUCTION = "Choose the option that best describes the text."
 SENTINEL = "\u2063TEXT\u2063"  # marks where the (truncatable) text sits inside a rendered prompt
-FORMAT_VERSION = "1"  # bump when the prompt layout changes, to invalidate tokenization caches
+FORMAT_VERSION = "2"  # bump when the prompt layout changes, to invalidate tokenization caches
 
 
 class DataError(ValueError):
@@ -208,18 +209,34 @@ class Encoded:
     task: Task
     split: str
     rows: datasets.Dataset
-    options: list[list[int]] | None  # per class, the answer tokens scored at evaluation
+    options: list[list[int]] | None  # per class, the answer ids scored at evaluation (= the training rows' answers)
     eos: int  # ends every answer
 
 
 class PromptFormat:
-    """Turns task rows into token ids for one tokenizer: prompt, answer, and where the text may be cut."""
+    """Turns task rows into token ids for one tokenizer.
+
+    A row is rendered to one string, prompt then answer, and encoded in one tokenizer call, so no token
+    is split where the frame, the text and the answer meet (encoding the pieces apart gives
+    sentencepiece tokenizers a stray "▁" at every seam). For every row:
+
+    - `input_ids` = the ids of the rendered string as the tokenizer encodes it (BOS first when there
+      is no chat template; a chat template writes its own), then EOS;
+    - `prompt_len` is where the answer starts, and `labels` are the answer ids + EOS, IGNORE before;
+    - a classification row's answer ids are `Encoded.options[label]`, the ids scored at evaluation;
+    - a prompt too long for `data.max_length` is re-rendered with its text cut at a token boundary of
+      the text, so the frame, the options and the answer are never cut.
+    """
 
     def __init__(self, tokenizer, cfg: DataConfig):
+        if not getattr(tokenizer, "is_fast", False):
+            raise ValueError(f"{type(tokenizer).__name__} is a slow tokenizer; prompts are encoded with character "
+                             f"offsets, which only fast (tokenizers-backed) tokenizers give")
         self.tok = tokenizer
         self.cfg = cfg
         self.chat = bool(getattr(tokenizer, "chat_template", None))
         self.eos = tokenizer.eos_token_id
+        self.bos = [] if self.chat or tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
         self.identity = _tokenizer_identity(tokenizer)
 
     def option_answers(self, task: Task) -> list[str]:
@@ -240,51 +257,80 @@ class PromptFormat:
         return f"{task.instruction}\n\nText: {SENTINEL}\n\nOptions:\n{options}\n\n{ask}"
 
     @lru_cache(maxsize=4096)
-    def frame(self, content: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        """Token ids before and after the text: chat template if any, else plain with BOS."""
+    def frame(self, content: str) -> tuple[str, str]:
+        """The rendered prompt before and after the text: the chat template if any, else the content and "Answer:"."""
         if self.chat:
             system = [] if self.cfg.system_prompt is None else [{"role": "system", "content": self.cfg.system_prompt}]
             rendered = self.tok.apply_chat_template(system + [{"role": "user", "content": content}], tokenize=False,
                                                     add_generation_prompt=True)
-            bos = []
         else:
             rendered = content + "\nAnswer:"
-            bos = [self.tok.bos_token_id] if self.tok.bos_token_id is not None else []
         before, after = rendered.split(SENTINEL)
-        enc = lambda s: self.tok(s, add_special_tokens=False)["input_ids"] if s else []  # noqa: E731
-        return tuple(bos + enc(before)), tuple(enc(after))
+        return before, after
 
-    def answer_ids(self, answer: str) -> list[int]:
-        prefix = "" if self.chat else " "
-        return self.tok(prefix + answer, add_special_tokens=False)["input_ids"]
+    def answer_text(self, answer: str) -> str:
+        """The answer as it follows the prompt: after a space on the plain path ("Answer: A")."""
+        return answer if self.chat else " " + answer
+
+    def options(self, task: Task) -> list[list[int]]:
+        """Per class, the ids of its answer after this task's prompt (which ends the same for every row)."""
+        before, after = self.frame(self.content(task, {"text": ""}))
+        answers = [self.answer_text(a) for a in self.option_answers(task)]
+        encoded = self._encode([before + after + a for a in answers])
+        return [ids[_split_at(offsets, len(before + after), task.source / "labels.json"):]
+                for ids, offsets in encoded]
+
+    def _encode(self, strings: list[str]) -> list[tuple[list[int], list[tuple[int, int]]]]:
+        """(ids, character offsets) of each string encoded whole, BOS first on the plain path."""
+        enc = self.tok(strings, add_special_tokens=False, return_offsets_mapping=True)
+        return [(self.bos + ids, [(0, 0)] * len(self.bos) + [tuple(o) for o in offsets])
+                for ids, offsets in zip(enc["input_ids"], enc["offset_mapping"])]
+
+    def _fit(self, frame: tuple[str, str], text: str, answer: str, encoded: tuple[list, list], reserve: int | None,
+             where: Path) -> tuple[list[int], int]:
+        """(ids of prompt + answer, prompt length) with room left for `reserve` answer ids (None: this row's
+        own) and EOS within data.max_length, re-rendering with a shorter `text` until there is."""
+        before, after = frame
+        ids, offsets = encoded
+        while True:
+            prompt_len = _split_at(offsets, len(before + text + after), where)
+            need = prompt_len + (len(ids) - prompt_len if reserve is None else reserve) + 1
+            if need <= self.cfg.max_length:
+                return ids, prompt_len
+            start, end = len(before), len(before) + len(text)
+            in_text = [i for i, (a, b) in enumerate(offsets) if a < end and b > start]
+            keep = len(in_text) - (need - self.cfg.max_length)  # text tokens that fit
+            cut = offsets[in_text[keep]][0] - start if keep > 0 else 0
+            if cut <= 0:
+                raise DataError(f"{where}: the prompt frame and answer take {need - len(in_text)} of data.max_length="
+                                f"{self.cfg.max_length} tokens, leaving no room for the text; raise data.max_length")
+            text = text[:cut]  # a prefix ending where a text token started
+            [(ids, offsets)] = self._encode([before + text + after + answer])
 
     def encode_batch(self, task: Task, batch: dict) -> dict:
         """datasets.map function (batched): rows -> input_ids, labels, prompt_len, label, target."""
-        n = len(batch["text"])
-        rows = [{k: batch[k][i] for k in batch} for i in range(n)]
-        texts = self.tok(batch["text"], add_special_tokens=False)["input_ids"]
+        rows = [{k: batch[k][i] for k in batch} for i in range(len(batch["text"]))]
         if task.kind == "classification":
-            options = [self.answer_ids(a) for a in self.option_answers(task)]
-            reserve = max(len(o) for o in options) + 1
-            answers = [options[r["label"]] for r in rows]
-            targets = [""] * n
+            options = self.options(task)
+            reserve = max(len(o) for o in options)  # every class fits, so the prompt never depends on the label
+            answers = [self.option_answers(task)[r["label"]] for r in rows]
         else:
-            answers = [self.answer_ids(r["output"]) for r in rows]
-            reserve = None
-            targets = [r["output"] for r in rows]
-        out = {"input_ids": [], "labels": [], "prompt_len": [], "label": [], "target": targets}
-        for i, row in enumerate(rows):
-            before, after = self.frame(self.content(task, row))
-            answer = answers[i] + [self.eos]
-            budget = self.cfg.max_length - len(before) - len(after) - (reserve or len(answer))
-            if budget < min(len(texts[i]), 1):
-                raise DataError(f"{task.source / row['ref']}: the prompt frame and answer take "
-                                f"{len(before) + len(after) + (reserve or len(answer))} of data.max_length="
-                                f"{self.cfg.max_length} tokens, leaving no room for the text; raise data.max_length")
-            prompt = list(before) + texts[i][:budget] + list(after)
-            out["input_ids"].append(prompt + answer)
-            out["labels"].append([IGNORE] * len(prompt) + answer)
-            out["prompt_len"].append(len(prompt))
+            options, reserve = None, None
+            answers = [r["output"] for r in rows]
+        frames = [self.frame(self.content(task, r)) for r in rows]
+        spoken = [self.answer_text(a) for a in answers]
+        encoded = self._encode([b + r["text"] + a + ans for (b, a), r, ans in zip(frames, rows, spoken)])
+        out = {"input_ids": [], "labels": [], "prompt_len": [], "label": [],
+               "target": answers if options is None else [""] * len(rows)}
+        for row, frame, answer, enc in zip(rows, frames, spoken, encoded):
+            where = task.source / row["ref"]
+            ids, prompt_len = self._fit(frame, row["text"], answer, enc, reserve, where)
+            if options is not None and ids[prompt_len:] != options[row["label"]]:
+                raise DataError(f"{where}: the tokenizer encodes answer {answer!r} as {ids[prompt_len:]} after this "
+                                f"row's text but as {options[row['label']]} after an empty text")
+            out["input_ids"].append(ids + [self.eos])
+            out["labels"].append([IGNORE] * prompt_len + ids[prompt_len:] + [self.eos])
+            out["prompt_len"].append(prompt_len)
             out["label"].append(row.get("label", -1))
         return out
 
@@ -298,8 +344,16 @@ class PromptFormat:
         ds = datasets.Dataset.from_list(rows).map(
             lambda b: self.encode_batch(task, b), batched=True, batch_size=256, remove_columns=list(rows[0]),
             cache_file_name=str(cache), load_from_cache_file=True, desc=f"tokenize {task.name}/{split}")
-        options = [self.answer_ids(a) for a in self.option_answers(task)] if task.kind == "classification" else None
-        return Encoded(task, split, ds, options, self.eos)
+        return Encoded(task, split, ds, self.options(task) if task.kind == "classification" else None, self.eos)
+
+
+def _split_at(offsets: list[tuple[int, int]], boundary: int, where: Path) -> int:
+    """Index of the first token starting at or after character `boundary` (where the answer begins)."""
+    n = next((i for i, (start, _) in enumerate(offsets) if start >= boundary), len(offsets))
+    if n and offsets[n - 1][1] > boundary:
+        raise DataError(f"{where}: the tokenizer merges the end of the prompt and the start of the answer into "
+                        f"one token, so the answer has no tokens of its own; change the answer's first characters")
+    return n
 
 
 def _tokenizer_identity(tok) -> str:
