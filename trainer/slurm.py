@@ -3,7 +3,8 @@
 Stages already complete (and built on their predecessor) are skipped, so resubmitting after a
 failure continues the chain. Each job runs `slurm/stage.sbatch`, which starts one torchrun agent per
 node with c10d rendezvous at the head node; SIGUSR1 before the walltime makes the trainer write a
-checkpoint and the job requeue itself.
+checkpoint and the job requeue itself. `slurm.cpus_per_task` is asked of sbatch, and the script hands it
+on to the srun step (`SRUN_CPUS_PER_TASK`: since Slurm 22.05 srun does not inherit it).
 """
 
 from __future__ import annotations
