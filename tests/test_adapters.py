@@ -1,8 +1,10 @@
 """The adapter tools on a run trained here: PEFT round trip, exact and approximate merges, export and
-predict, inspect, a mid-stage DeepSpeed checkpoint as the source, and every error."""
+predict, inspect, a mid-stage DeepSpeed checkpoint as the source, and every error; device placement,
+the streamed merge of a sharded base, and a bf16 base kept bf16."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -12,9 +14,11 @@ import time
 
 import pytest
 import torch
+from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
-from trainer.adapters import build_model, open_adapters
+from trainer.adapters import (SHARD_INDEX, build_model, export_bundle, extract_peft, merge, merge_into_base,
+                              open_adapters, predict)
 from trainer.config import load_config
 from trainer.data import load_tasks
 from trainer.distributed import LocalStrategy
@@ -50,7 +54,7 @@ def test_extracted_expert_loads_in_peft_with_equal_logits(run, tmp_path):
     from peft import PeftModel
 
     ad = open_adapters(run)
-    model, _ = build_model(ad, _base(ad), LocalStrategy())
+    model, _ = build_model(ad, _base(ad), LocalStrategy("cpu"))
     for expert in ("shared", "agnews", "yelp"):
         out = tmp_path / f"peft-{expert}"
         run_cli("extract", str(run), "--expert", expert, "--out", str(out))
@@ -72,7 +76,7 @@ def test_merged_expert_is_a_plain_model_with_equal_logits(run, tmp_path):
     run_cli("merge", str(run), "--expert", "yelp", "--out", str(tmp_path / "merged"))
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
     ad = open_adapters(run)
-    model, _ = build_model(ad, _base(ad), LocalStrategy())
+    model, _ = build_model(ad, _base(ad), LocalStrategy("cpu"))
     torch.testing.assert_close(_logits(merged), _logits(model, only="yelp"), rtol=1e-5, atol=1e-5)
     report = json.loads((tmp_path / "merged" / "merge_report.json").read_text())
     assert report["exact"] is True and report["expert"] == "yelp"
@@ -157,7 +161,7 @@ def test_a_mid_stage_deepspeed_checkpoint_is_a_source(run, tmp_path, model_cache
     run_cli("extract", str(ckpt), "--expert", "yelp", "--out", str(tmp_path / "from-ckpt"))
     from peft import PeftModel
 
-    model, _ = build_model(ad, _base(ad), LocalStrategy())
+    model, _ = build_model(ad, _base(ad), LocalStrategy("cpu"))
     peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(_base(ad), dtype=torch.float32),
                                            tmp_path / "from-ckpt").eval()
     torch.testing.assert_close(_logits(peft_model), _logits(model, only="yelp"), rtol=1e-5, atol=1e-5)
@@ -185,3 +189,82 @@ def test_errors_are_clear_and_write_nothing(run, tmp_path, tiny_qwen2_dir):
     proc = run_cli("inspect", str(tmp_path), check=False)
     assert proc.returncode == 2 and "not a run folder, stage folder" in proc.stderr
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+# -- device placement, streamed merges, the base's dtype ----------------------------------------------
+
+def _copy_of_base(ad, out, dtype):
+    """The run's base re-saved in `dtype` as several safetensors shards with an index, and the same
+    adapters pointed at it (without a fingerprint: the copy's files differ from the trained-on base)."""
+    from transformers import AutoTokenizer
+
+    src = _base(ad)
+    AutoModelForCausalLM.from_pretrained(src, dtype=dtype).save_pretrained(out, max_shard_size="100KB")
+    AutoTokenizer.from_pretrained(src).save_pretrained(out)
+    info = {**ad.info, "base_model": {"path": str(out), "fingerprint": None}}
+    return dataclasses.replace(ad, info=info)
+
+
+def _shards(folder):
+    """{tensor name: (shard file, safetensors dtype)} over every weight file of `folder`."""
+    found = {}
+    for shard in sorted(folder.glob("*.safetensors")):
+        with safe_open(shard, framework="pt") as f:
+            found.update({k: (shard.name, f.get_slice(k).get_dtype()) for k in f.keys()})
+    return found
+
+
+def test_the_model_is_on_the_strategy_device_with_its_batches(run, tmp_path):
+    """The meta device stands in for a GPU: one that differs from where weights are loaded (the CPU)."""
+    ad = open_adapters(run)
+    strategy = LocalStrategy(device="meta")
+    model, _ = build_model(ad, _base(ad), strategy)
+    # predict, evaluate and gate_means put every batch on strategy.device: the model must be there too
+    assert {t.device for t in [*model.parameters(), *model.buffers()]} == {strategy.device}
+    # The same tools run end to end on an explicitly chosen device.
+    cpu = LocalStrategy(device="cpu")
+    export_bundle(ad, tmp_path / "bundle")
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text(json.dumps({"task": "yelp", "sentence": "Great food, rude staff."}) + "\n")
+    [row] = predict(tmp_path / "bundle", requests, None, cpu)
+    assert row["prediction"] in ("very negative", "negative", "neutral", "positive", "very positive")
+    report = merge(ad, tmp_path / "m", None, "agnews", cpu, calibration_rows=8)
+    assert report["test_rows"] == 12 and 0.0 <= report["agreement"] <= 1.0
+
+
+def test_streamed_merge_of_a_sharded_base_equals_the_in_memory_merge(run, tmp_path):
+    ad = _copy_of_base(open_adapters(run), tmp_path / "base", torch.float32)
+    base = _shards(tmp_path / "base")
+    assert len({shard for shard, _ in base.values()}) >= 2 and (tmp_path / "base" / SHARD_INDEX).is_file()
+    merge(ad, tmp_path / "merged", "yelp", None, LocalStrategy("cpu"))
+    out = tmp_path / "merged"
+    assert _shards(out) == base  # same tensors in the same shard files, same dtypes
+    assert json.loads((out / SHARD_INDEX).read_text())["weight_map"] == {k: s for k, (s, _) in base.items()}
+    strategy = LocalStrategy("cpu")
+    model, _ = build_model(ad, tmp_path / "base", strategy)
+    expected = merge_into_base(model, ad, [("yelp", 1.0)], strategy).state_dict()
+    merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).state_dict()
+    original = AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float32).state_dict()
+    assert merged.keys() == expected.keys()
+    for k in merged:
+        torch.testing.assert_close(merged[k], expected[k], rtol=1.3e-6, atol=1e-5)
+        assert torch.equal(merged[k], original[k]) == (".mlp." not in k), k  # only the MLPs change
+
+
+def test_a_bf16_base_stays_bf16_and_adapters_stay_fp32(run, tmp_path):
+    ad = _copy_of_base(open_adapters(run), tmp_path / "base", torch.bfloat16)
+    strategy = LocalStrategy("cpu")
+    model, _ = build_model(ad, tmp_path / "base", strategy)
+    assert model.base.get_input_embeddings().weight.dtype == torch.bfloat16
+    assert {p.dtype for p in model.adapter_parameters().values()} == {torch.float32}
+    merge(ad, tmp_path / "merged", "agnews", None, strategy)
+    assert {dtype for _, dtype in _shards(tmp_path / "merged").values()} == {"BF16"}
+    assert json.loads((tmp_path / "merged" / "config.json").read_text())["dtype"] == "bfloat16"
+    expected = merge_into_base(model, ad, [("agnews", 1.0)], strategy).state_dict()
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").state_dict()
+    assert all(merged[k].dtype == torch.bfloat16 and torch.equal(merged[k], expected[k]) for k in merged)
+    report = merge(ad, tmp_path / "mixed", None, "agnews", strategy, calibration_rows=8)
+    assert {dtype for _, dtype in _shards(tmp_path / "mixed").values()} == {"BF16"}
+    assert all(0.0 <= report[k] <= 1.0 for k in ("accuracy_moe_cl", "accuracy_merged", "agreement"))
+    extract_peft(ad, "agnews", tmp_path / "peft")
+    assert {dtype for _, dtype in _shards(tmp_path / "peft").values()} == {"F32"}

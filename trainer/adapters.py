@@ -2,11 +2,14 @@
 
 - extract: one expert as a standard PEFT LoRA adapter folder (`PeftModel.from_pretrained` loads it);
 - merge: one expert folded into the base weights, or a task's shared + task experts folded with the
-  token-wise gate replaced by its mean over a calibration sample (approximate; measured and reported);
+  token-wise gate replaced by its mean over a calibration sample (approximate; measured and reported).
+  Merged weights are streamed file by file, one weight matrix at a time, in the base's dtype;
 - export / predict: a self-contained serving bundle for some tasks, and batched inference from JSONL;
 - inspect: what a source holds.
 
-Everything here runs on CPU without DeepSpeed; mid-stage DeepSpeed checkpoints are read through
+Everything here runs in one process without DeepSpeed, with the model and every batch on the
+strategy's device (`LocalStrategy(device)`: the first GPU if there is one, else the CPU), the base in
+its stored dtype and the adapters in float32. Mid-stage DeepSpeed checkpoints are read through
 DeepSpeed's own zero_to_fp32. Outputs are written atomically, and only after every check passed.
 """
 
@@ -14,11 +17,13 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from . import atomic
@@ -34,6 +39,14 @@ from .moe import ALL_TASKS_GATE, SHARED
 
 PROJS = ("gate_proj", "up_proj", "down_proj")
 BUNDLE = "bundle.json"
+SHARD_INDEX = "model.safetensors.index.json"
+# Besides the weights, what from_pretrained and AutoTokenizer read from a model folder: a merge copies these.
+COPIED_FILES = ("config.json", "generation_config.json", SHARD_INDEX, "tokenizer.json", "tokenizer_config.json",
+                "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json",
+                "chat_template.jinja", "chat_template.json")
+FLOAT_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+# (expert, weight) pairs; a weight is one float, or one float per layer.
+Mix = list[tuple[str, float | list[float]]]
 
 
 @dataclass
@@ -173,24 +186,48 @@ def _check_shapes(ad: Adapters, folder: Path) -> None:
                                       f"needs {list(want)}")
 
 
-def expert_deltas(ad: Adapters, expert: str) -> dict[tuple[int, str], torch.Tensor]:
-    """(layer, projection) -> the expert's weight update (alpha/r) B A, float32."""
-    ad.require_expert(expert)
+def mixed_delta(ad: Adapters, mix: Mix, layer: int, proj: str) -> torch.Tensor:
+    """The update sum_e w_e (alpha/r) B_e A_e of one projection of one layer: (out, in), float32.
+
+    Computed on demand, one weight matrix at a time: the updates of every layer at once would be as
+    large as the base's MLPs in float32 (17 GB for a 7B model)."""
     scaling = ad.config.experts.alpha / ad.config.experts.rank
-    out = {}
-    for key, a in ad.tensors.items():
-        parts = key.split(".")
-        if len(parts) == 6 and parts[2] == "experts" and parts[3] == expert and parts[5] == "lora_a":
-            b = ad.tensors[key[: -len("lora_a")] + "lora_b"]
-            out[(int(parts[1]), parts[4])] = scaling * (b.float() @ a.float())
-    return out
+    total = torch.zeros(())
+    for expert, weight in mix:
+        key = f"layers.{layer}.experts.{expert}.{proj}"
+        b, a = ad.tensors[f"{key}.lora_b"].float(), ad.tensors[f"{key}.lora_a"].float()
+        total = total + (weight[layer] if isinstance(weight, list) else weight) * (scaling * (b @ a))
+    return total
+
+
+def stored_dtype(folder: Path) -> torch.dtype:
+    """The dtype the base's weights are stored in: config.json's `dtype` (`torch_dtype` before
+    transformers 5), else that of the first floating-point tensor of its weight files."""
+    config = json.loads((folder / "config.json").read_text())
+    name = config.get("dtype") or config.get("torch_dtype")
+    if isinstance(name, str) and name != "auto":
+        return getattr(torch, name)
+    for file in weight_files(folder):
+        for entry in _read_header(folder / file)[1].values():
+            if entry["dtype"] in FLOAT_DTYPES:
+                return FLOAT_DTYPES[entry["dtype"]]
+    raise CheckpointError(f"{folder}: no floating-point weights found")
+
+
+def load_plain(folder: Path, device: torch.device):
+    """The Hugging Face model at `folder` in its stored dtype, on `device`, in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=stored_dtype(folder), use_safetensors=True)
+    return model.to(device).eval()
 
 
 def build_model(ad: Adapters, folder: Path, strategy: Strategy, discriminators: bool = False):
-    """The MoE-CL model with these adapters on the base at `folder` (float32, eval mode)."""
-    from transformers import AutoModelForCausalLM
+    """The MoE-CL model with these adapters on the base at `folder`, in eval mode, and its tokenizer.
 
-    base = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, use_safetensors=True)
+    The base keeps its stored dtype (`stored_dtype`); adapters and gates are float32, as trained.
+    Every parameter and buffer is on `strategy.device`, where the tools also put every batch."""
+    base = load_plain(folder, torch.device("cpu"))  # adapters are copied in on CPU, then all is moved once
     model = MoECLModel(base, ad.config.data.order, ad.config.experts, discriminators=discriminators)
     for t in ad.learned:
         model.add_task(t)
@@ -200,13 +237,16 @@ def build_model(ad: Adapters, folder: Path, strategy: Strategy, discriminators: 
     with torch.no_grad(), strategy.gathered(named.values(), modify=True):
         for k, p in named.items():
             p.copy_(tensors[k])
-    return model.eval(), load_tokenizer(folder)
+    return model.to(strategy.device).eval(), load_tokenizer(folder)
 
 
 # -- extract ------------------------------------------------------------------------------------------
 
 def extract_peft(ad: Adapters, expert: str, out: Path, base: str | None = None) -> Path:
-    """Write `expert` as a PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors)."""
+    """Write `expert` as a PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors).
+
+    Reads the base's config only (module names come from a meta-device skeleton), never its weights;
+    the adapter tensors are written in float32 whatever the base's dtype, as PEFT expects them."""
     from peft import LoraConfig
 
     ad.require_expert(expert)
@@ -242,27 +282,98 @@ def _mlp_module_names(folder: Path) -> dict[int, str]:
 
 # -- merge --------------------------------------------------------------------------------------------
 
-def merge_into_base(model: MoECLModel, deltas: list[tuple[dict, list[float] | float]], strategy: Strategy):
-    """W <- W + sum_e w_e * delta_e on every gated-MLP projection of the base, in place.
+def merge_into_base(model: MoECLModel, ad: Adapters, mix: Mix, strategy: Strategy):
+    """W <- W + sum_e w_e (alpha/r) B_e A_e on every gated-MLP projection of the base, in place.
 
-    `deltas` holds (expert deltas, weight) pairs; a weight is a float or one float per layer.
-    Returns the plain Hugging Face model (the MoE-CL layers unwrapped)."""
+    The in-memory definition of a merge, which `write_merged` streams from the files instead (tested
+    equal): the sum is formed in float32 and cast back to W's dtype. Returns the plain Hugging Face
+    model (the MoE-CL layers unwrapped)."""
     base = model.base
-    layers = base.get_decoder().layers
-    for i, layer in enumerate(layers):
+    for i, layer in enumerate(base.get_decoder().layers):
         mlp = layer.mlp.base  # the frozen gated MLP inside the MoE-CL layer
         projs = [getattr(mlp, p) for p in PROJS]
         with torch.no_grad(), strategy.gathered([p.weight for p in projs], modify=True):
             for name, proj in zip(PROJS, projs):
-                update = sum((w[i] if isinstance(w, list) else w) * d[(i, name)] for d, w in deltas)
-                proj.weight += update.to(proj.weight.dtype)
-                if not torch.isfinite(proj.weight).all():
-                    raise ValueError(f"layer {i} {name}: the merged weight is not finite")
+                proj.weight.copy_(_merged(proj.weight, mixed_delta(ad, mix, i, name).to(proj.weight.device),
+                                          f"layer {i} {name}"))
         layer.mlp = mlp
     return base
 
 
-def gate_means(model: MoECLModel, fmt: PromptFormat, task: Task, rows: int, batch_size: int) -> list[list[float]]:
+def _merged(weight: torch.Tensor, delta: torch.Tensor, where: str) -> torch.Tensor:
+    """weight + delta, summed in float32 and returned in weight's dtype; never non-finite."""
+    out = (weight.float() + delta).to(weight.dtype)
+    if not torch.isfinite(out).all():
+        raise ValueError(f"{where}: the merged weight is not finite")
+    return out
+
+
+def write_merged(ad: Adapters, folder: Path, out: Path, mix: Mix) -> None:
+    """Write the base at `folder` with `mix` merged in to the (existing) folder `out`, streamed.
+
+    Guarantees: the same weight files under the same names, every tensor with the base's name, shape and
+    dtype, byte for byte the base's except the MLP projections (merged as `merge_into_base` does);
+    config, generation config, shard index and tokenizer files copied. Memory: one weight matrix at a
+    time (plus its float32 sum), never a whole shard or model."""
+    targets = _projection_weights(folder)
+    files = weight_files(folder)
+    headers = {f: _read_header(folder / f) for f in files}
+    missing = sorted(set(targets) - {name for _, header in headers.values() for name in header})
+    if missing:
+        raise CheckpointError(f"{folder}: its weight files have no tensor {missing[0]} ({len(missing)} MLP "
+                              "projection weights missing); merge needs the safetensors files transformers saves")
+    for file in files:
+        shutil.copyfile(folder / file, out / file)  # every tensor as stored; then the MLP weights are rewritten
+        _merge_in_place(ad, mix, folder / file, out / file, headers[file], targets)
+    for name in COPIED_FILES:
+        if (folder / name).is_file():
+            shutil.copyfile(folder / name, out / name)
+
+
+def _merge_in_place(ad: Adapters, mix: Mix, src: Path, copy: Path, layout: tuple[int, dict],
+                    targets: dict[str, tuple[int, str]]) -> None:
+    """In `copy`, a byte copy of the safetensors file `src`, overwrite each tensor named in `targets`
+    with its merged value. A merged tensor keeps its dtype and shape, hence its size and byte range."""
+    data_start, header = layout
+    with safe_open(src, framework="pt") as f, open(copy, "r+b") as out:
+        for name in (n for n in header if n in targets):
+            layer, proj = targets[name]
+            merged = _merged(f.get_tensor(name), mixed_delta(ad, mix, layer, proj), f"layer {layer} {proj}")
+            raw = merged.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()  # little-endian, as stored
+            begin, end = header[name]["data_offsets"]
+            assert len(raw) == end - begin
+            out.seek(data_start + begin)
+            out.write(raw)
+
+
+def _projection_weights(folder: Path) -> dict[str, tuple[int, str]]:
+    """Saved tensor name -> (layer, projection) of every gated-MLP projection weight of the base."""
+    return {f"{mlp}.{proj}.weight": (i, proj) for i, mlp in _mlp_module_names(folder).items() for proj in PROJS}
+
+
+def weight_files(folder: Path) -> list[str]:
+    """The base's safetensors files: the shards its index lists, or its single model.safetensors."""
+    if (folder / SHARD_INDEX).is_file():
+        return sorted(set(json.loads((folder / SHARD_INDEX).read_text())["weight_map"].values()))
+    if (folder / "model.safetensors").is_file():
+        return ["model.safetensors"]
+    raise CheckpointError(f"{folder}: neither model.safetensors nor {SHARD_INDEX}; the tools read safetensors only")
+
+
+def _read_header(path: Path) -> tuple[int, dict]:
+    """(byte offset of the data section, {tensor name: {dtype, shape, data_offsets}}) of a safetensors file.
+
+    The format: an 8-byte little-endian header length, the JSON header, then the tensors' bytes at
+    `data_offsets` relative to the end of the header."""
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+    header.pop("__metadata__", None)
+    return 8 + n, header
+
+
+def gate_means(model: MoECLModel, fmt: PromptFormat, task: Task, rows: int, batch_size: int,
+               device: torch.device) -> list[list[float]]:
     """Per layer, the mean gate weights [g_shared, g_task] over the first `rows` training rows."""
     from .data import collate
 
@@ -272,6 +383,7 @@ def gate_means(model: MoECLModel, fmt: PromptFormat, task: Task, rows: int, batc
     with torch.no_grad():
         for start in range(0, n, batch_size):
             batch = collate([enc.rows[i] for i in range(start, min(n, start + batch_size))], fmt.tok.pad_token_id)
+            batch = {k: v.to(device) for k, v in batch.items()}
             model.hidden_states(batch["input_ids"], batch["attention_mask"], task.name, collect=True)
             weight = min(n, start + batch_size) - start
             for i in range(len(sums)):
@@ -285,50 +397,65 @@ def merge(ad: Adapters, out: Path, expert: str | None, task: str | None, strateg
           calibration_rows: int = 64, batch_size: int = 16) -> dict:
     """(a) `expert`: that expert folded into the base, exact. (b) `task`: its shared + task experts
     folded with the gate replaced by its per-layer mean on `calibration_rows` training rows; the
-    agreement with the exact MoE-CL model on the task's test data is measured and returned."""
-    folder = base_folder(ad, base)
+    agreement with the exact MoE-CL model on the task's test data is measured and returned.
+
+    The output keeps the base's dtype and weight-file names (`write_merged`); exact merges never load
+    the base model, only stream its files."""
     if (expert is None) == (task is None):
         raise ValueError("merge: give exactly one of --expert NAME or --task NAME")
-    model, tok = build_model(ad, folder, strategy)
+    folder = base_folder(ad, base)
     if expert is not None:
         ad.require_expert(expert)
-        plain = merge_into_base(model, [(expert_deltas(ad, expert), 1.0)], strategy)
+        mix: Mix = [(expert, 1.0)]
         report = {"mode": "expert", "expert": expert, "exact": True}
-    elif ad.routed(task) is not None:  # a baseline: the task's experts are summed, so the merge is exact
-        ad.require_tasks([task])
-        plain = merge_into_base(model, [(expert_deltas(ad, e), 1.0) for e in ad.routed(task)], strategy)
-        report = {"mode": "task", "task": task, "experts": list(ad.routed(task)), "exact": True}
-        task = None  # nothing to measure
     else:
         ad.require_tasks([task])
-        fmt = PromptFormat(tok, ad.config.data)
-        data = {t.name: t for t in load_tasks(ad.config.data, ad.config.run.seed)}[task]
-        means = gate_means(model, fmt, data, calibration_rows, batch_size)
-        test = fmt.encode(data, "test")
-        exact = evaluate(model, test, tok, batch_size, ad.config.eval.max_new_tokens, strategy)
-        plain = merge_into_base(model, [(expert_deltas(ad, SHARED), [g[0] for g in means]),
-                                        (expert_deltas(ad, task), [g[1] for g in means])], strategy)
-        report = {"mode": "task", "task": task, "exact": False, "calibration_rows": min(calibration_rows, len(data.train)),
-                  "gate_means": means, "test_rows": exact["total"], "accuracy_moe_cl": exact["accuracy"]}
+        if ad.routed(task) is None:
+            return _merge_at_mean_gate(ad, folder, out, task, strategy, calibration_rows, batch_size)
+        mix = [(e, 1.0) for e in ad.routed(task)]  # a baseline: the task's experts are summed, so exact
+        report = {"mode": "task", "task": task, "experts": list(ad.routed(task)), "exact": True}
     report.update({"source": str(ad.source), "base": str(folder), "files": ad.files})
     with atomic.staged_dir(out) as tmp:
-        plain.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        if task is not None:  # measure the merged model as written: reload it as a user would
-            from transformers import AutoModelForCausalLM
-
-            written = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32)
-            merged = evaluate(_plain_as_moecl(written, ad), test, tok, batch_size, ad.config.eval.max_new_tokens,
-                              strategy)
-            agree = sum(a == b for a, b in zip(exact["predictions"], merged["predictions"])) / max(exact["total"], 1)
-            report.update({"accuracy_merged": merged["accuracy"], "agreement": agree})
+        write_merged(ad, folder, tmp, mix)
         (tmp / "merge_report.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
 
 
-def _plain_as_moecl(plain, ad: Adapters) -> MoECLModel:
+def _merge_at_mean_gate(ad: Adapters, folder: Path, out: Path, task: str, strategy: Strategy,
+                        calibration_rows: int, batch_size: int) -> dict:
+    """merge --task for a gated method: measure the MoE-CL model, free it, stream the merge, then measure
+    the merged model as written (reloaded as a user would). One model in memory at a time."""
+    tok = load_tokenizer(folder)
+    fmt = PromptFormat(tok, ad.config.data)
+    data = {t.name: t for t in load_tasks(ad.config.data, ad.config.run.seed)}[task]
+    test = fmt.encode(data, "test")
+    means, exact = _gate_means_and_accuracy(ad, folder, fmt, data, test, strategy, calibration_rows, batch_size)
+    report = {"mode": "task", "task": task, "exact": False, "calibration_rows": min(calibration_rows, len(data.train)),
+              "gate_means": means, "test_rows": exact["total"], "accuracy_moe_cl": exact["accuracy"],
+              "source": str(ad.source), "base": str(folder), "files": ad.files}
+    mix: Mix = [(SHARED, [g[0] for g in means]), (task, [g[1] for g in means])]
+    with atomic.staged_dir(out) as tmp:
+        write_merged(ad, folder, tmp, mix)
+        merged = evaluate(_plain_as_moecl(load_plain(tmp, strategy.device), ad, strategy.device), test, tok,
+                          batch_size, ad.config.eval.max_new_tokens, strategy)
+        agree = sum(a == b for a, b in zip(exact["predictions"], merged["predictions"])) / max(exact["total"], 1)
+        report.update({"accuracy_merged": merged["accuracy"], "agreement": agree})
+        (tmp / "merge_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def _gate_means_and_accuracy(ad: Adapters, folder: Path, fmt: PromptFormat, data: Task, test, strategy: Strategy,
+                             calibration_rows: int, batch_size: int) -> tuple[list[list[float]], dict]:
+    """The MoE-CL model's per-layer mean gates and its evaluation on `test`. The model lives only in
+    this call, so it is freed before the merged model is loaded."""
+    model, _ = build_model(ad, folder, strategy)
+    means = gate_means(model, fmt, data, calibration_rows, batch_size, strategy.device)
+    return means, evaluate(model, test, fmt.tok, batch_size, ad.config.eval.max_new_tokens, strategy)
+
+
+def _plain_as_moecl(plain, ad: Adapters, device: torch.device) -> MoECLModel:
     """A plain model seen through MoE-CL with only a zero shared expert: exactly the plain model."""
-    return MoECLModel(plain, ad.learned, ad.config.experts, discriminators=False).eval()
+    return MoECLModel(plain, ad.learned, ad.config.experts, discriminators=False).to(device).eval()
 
 
 # -- export / predict ---------------------------------------------------------------------------------

@@ -129,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def adapter_verb(args, strategy) -> int:
-    """extract / merge / export / predict / inspect (trainer/adapters.py), on CPU, no DeepSpeed."""
+    """extract / merge / export / predict / inspect (trainer/adapters.py): one process, no DeepSpeed; a
+    model is placed on `strategy.device`, as is every batch."""
     from pathlib import Path
 
     from . import adapters

@@ -132,10 +132,16 @@ class Strategy:
 
 
 class LocalStrategy(Strategy):
-    """One process, plain PyTorch: gradient accumulation, clipping, AdamW, LR schedule."""
+    """One process, plain PyTorch: gradient accumulation, clipping, AdamW, LR schedule.
 
-    def __init__(self):
-        self.device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    `device` is where the model and every batch go, for training and for the adapter tools alike
+    (default: the first GPU if there is one, else the CPU). It is decided here and nowhere else.
+    """
+
+    def __init__(self, device: torch.device | str | None = None):
+        if device is None:
+            device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+        self.device = torch.device(device)
 
     def setup(self, model, optimizer, scheduler, cfg):
         self.model, self.optimizer, self.scheduler = model.to(self.device), optimizer, scheduler
