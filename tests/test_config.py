@@ -81,3 +81,11 @@ def test_overrides_may_also_follow_the_options(tmp_path):
     assert out.count("--nodes=3") == 2  # one job per stage, both with the override
     proc = run_cli("submit", "configs/tiny.yaml", "--dry-run", "--bogus", check=False)
     assert proc.returncode == 2 and "unrecognized arguments: --bogus" in proc.stderr
+
+
+def test_activation_checkpointing_is_a_typed_train_option():
+    tiny = REPO / "configs" / "tiny.yaml"
+    assert load_config(tiny).train.activation_checkpointing is False
+    assert load_config(tiny, ["train.activation_checkpointing=true"]).train.activation_checkpointing is True
+    with pytest.raises(ConfigError, match=r"train\.activation_checkpointing: expected bool, got 2"):
+        load_config(tiny, ["train.activation_checkpointing=2"])

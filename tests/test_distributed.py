@@ -228,3 +228,79 @@ def test_ds_config_errors_are_clear(tmp_path, model_cache):
     assert proc.returncode == 2
     assert "'train_batch_size' is 64 but the experiment config gives 8" in proc.stderr
     assert "offload_param needs stage 3" in proc.stderr
+
+
+def test_zero2_bf16_restores_adapters_at_their_fp32_values(tmp_path, model_cache, tiny_llama_dir):
+    """ZeRO-2 with bf16 casts every parameter to bf16 before building the fp32 masters; the restored
+    adapters' fp32 values must still be what stage 2 starts from. Stage 2 runs at lr 1e-30 (an Adam step
+    of ~1e-30 cannot move an fp32 value of these magnitudes), so what it saves is where it started."""
+    o = {"distributed.ds_config": "ds_configs/zero2.json", "model.dtype": "bfloat16", "train.grad_accum": 1}
+    torchrun(2, "stage", "configs/tiny.yaml", *_overrides(tmp_path, model_cache, "run", **o), "--stage", "1")
+    torchrun(2, "stage", "configs/tiny.yaml", *_overrides(tmp_path, model_cache, "run", **o, **{"train.lr": 1e-30}),
+             "--stage", "2")
+    one, two = _adapters(tmp_path, "run"), _adapters(tmp_path, "run", "2-yelp")
+    restored_trainable = [k for k in one if ".experts.agnews." not in k]  # shared expert, gates, discriminators
+    assert len(restored_trainable) == 18
+    # Stage 1 saved fp32 master values that bf16 cannot hold (else this test could not tell).
+    assert all(not torch.equal(one[k], one[k].bfloat16().float()) for k in restored_trainable)
+    for k in one:
+        assert torch.equal(two[k], one[k]), (k, (two[k] - one[k]).abs().max())
+
+
+def test_activation_checkpointing_under_zero3_gives_the_same_adapters(tmp_path, model_cache, tiny_llama_dir):
+    """train.activation_checkpointing with 2 ZeRO-3 ranks: stage 2 restores a frozen expert and trains
+    the discriminators too; every adapter, loss and accuracy as without it."""
+    o = {"train.grad_accum": 2, "eval.val": False}
+    torchrun(2, "sequence", "configs/tiny.yaml", *_overrides(tmp_path, model_cache, "plain", **o))
+    torchrun(2, "sequence", "configs/tiny.yaml", *_overrides(tmp_path, model_cache, "ckpt", **o, **{
+        "train.activation_checkpointing": True}))
+    for stage in ("1-agnews", "2-yelp"):
+        plain, ckpt = _adapters(tmp_path, "plain", stage), _adapters(tmp_path, "ckpt", stage)
+        assert plain.keys() == ckpt.keys()
+        for k in plain:
+            torch.testing.assert_close(ckpt[k], plain[k], rtol=1e-6, atol=1e-7)
+        assert any(torch.count_nonzero(plain[k]) for k in plain if k.endswith("lora_b"))
+        mp, mc = _manifest(tmp_path, "plain", stage), _manifest(tmp_path, "ckpt", stage)
+        assert mc["eval"] == mp["eval"]
+        for loss in ("first_logged_task_loss", "last_logged_task_loss"):
+            assert mc["train"][loss] == pytest.approx(mp["train"][loss], rel=1e-6)
+
+
+RECOMPUTE_PROBE = '''
+import json, sys
+from trainer import recipe
+from trainer.config import load_config
+from trainer.data import collate
+from trainer.distributed import make_strategy
+
+cfg = load_config("configs/tiny.yaml", sys.argv[2:])
+strategy = make_strategy(cfg)
+s = recipe.setup_stage(cfg, 1, strategy)
+tr = recipe.prepare_training(s, strategy)
+seen = []  # (layer, numel of its frozen base gate_proj weight when the layer's MLP runs)
+for i, layer in enumerate(s.model.moe_layers):  # registered after DeepSpeed's gather hooks: run after them
+    layer.base.gate_proj.register_forward_pre_hook(lambda m, args, i=i: seen.append((i, m.weight.numel())))
+s.model.train()
+batch = collate([tr.train_set.rows[j] for j in range(cfg.train.micro_batch_size)], s.tokenizer.pad_token_id)
+out = tr.engine(batch["input_ids"], batch["attention_mask"], batch["labels"], s.task)
+forward = len(seen)
+strategy.backward(out.loss)
+with open(f"{sys.argv[1]}/rank{strategy.rank}.json", "w") as f:  # one file per rank: stdout lines interleave
+    json.dump({"forward": seen[:forward], "backward": seen[forward:]}, f)
+strategy.close()
+'''
+
+
+def test_activation_checkpointing_recomputes_layers_with_gathered_weights_under_zero3(tmp_path, model_cache,
+                                                                                      tiny_llama_dir):
+    """Each rank recomputes every decoder layer in backward (last first), and the recomputation sees the
+    frozen base weights whole (gathered), not their shape-[0] partitions."""
+    script = tmp_path / "probe.py"
+    script.write_text(RECOMPUTE_PROBE)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+           str(tmp_path), *_overrides(tmp_path, model_cache, "run", **{"train.activation_checkpointing": True})]
+    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    for r in (json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)):
+        assert r["forward"] == [[0, 128 * 64], [1, 128 * 64]]  # tiny-llama: intermediate 128, hidden 64
+        assert r["backward"] == [[1, 128 * 64], [0, 128 * 64]]

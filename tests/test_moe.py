@@ -272,3 +272,48 @@ def test_olora_penalty_is_the_l1_of_a_products_and_reaches_only_the_new_expert(t
         for task in ("a", "b", None):
             model._route(task, torch.ones_like(x), collect=False)
             assert model.routing.summed == ("a", "b")
+
+
+def _step_with(base_dir, checkpointing: bool):
+    """Stage 2 (task b, a's expert frozen) of a moe_cl model with dropout: loss, trainable gradients, and
+    how many times each MoE-CL layer ran in one training forward + backward."""
+    from trainer.model import checkpoint_layers
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    model = MoECLModel(base, ["a", "b"], ExpertsConfig(rank=4, alpha=8, dropout=0.1))
+    for t in ("a", "b"):
+        model.add_task(t)
+    for i, layer in enumerate(model.moe_layers):
+        _fill_experts(layer, seed=10 + i)
+    params = model.freeze_all_but("b")
+    if checkpointing:
+        checkpoint_layers(model)
+    calls = [0] * len(model.moe_layers)
+    for i, layer in enumerate(model.moe_layers):
+        layer.register_forward_pre_hook(lambda m, args, i=i: calls.__setitem__(i, calls[i] + 1))
+    model.train()
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 1000, (3, 12), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0
+    labels = torch.where(torch.arange(12) >= 9, ids, -100)
+    torch.manual_seed(5)  # the dropout draws
+    out = model(ids, mask, labels, "b")
+    out.loss.backward()
+    names = {id(p): k for k, p in model.adapter_parameters().items()}
+    return out, {names[id(p)]: p.grad for p in params}, calls
+
+
+def test_activation_checkpointing_recomputes_each_layer_with_the_same_gradients(tiny_llama_dir):
+    """Dropout on: the recomputation replays the forward's masks, and the discriminators' pooled input (a
+    side output of each layer) still carries the adversarial gradient to the shared expert and gates."""
+    plain, plain_grads, plain_calls = _step_with(tiny_llama_dir, False)
+    ckpt, ckpt_grads, ckpt_calls = _step_with(tiny_llama_dir, True)
+    assert plain_calls == [1, 1] and ckpt_calls == [2, 2]  # each layer ran again in backward
+    assert torch.equal(ckpt.loss, plain.loss) and torch.equal(ckpt.disc_loss, plain.disc_loss)
+    assert ckpt_grads.keys() == plain_grads.keys()
+    assert any(k.startswith("discriminators") for k in plain_grads) and any(".gates." in k for k in plain_grads)
+    for k, grad in plain_grads.items():
+        assert grad is not None and grad.abs().sum() > 0, k
+        torch.testing.assert_close(ckpt_grads[k], grad, rtol=1e-6, atol=1e-8)

@@ -270,8 +270,11 @@ class DeepSpeedStrategy(Strategy):
                       for g in optimizer.param_groups]
             optimizer = DeepSpeedCPUAdam(groups, adamw_mode=True)
             scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, scheduler.lr_lambdas[0])
+        fp32 = ([(p, p.detach().clone()) for g in optimizer.param_groups for p in g["params"]]
+                if self.ds_config["bf16"]["enabled"] else [])
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                     config=self.ds_config, dist_init_required=False)
+        _keep_fp32_masters(fp32)
         return self.engine
 
     def lr(self):
@@ -442,3 +445,15 @@ def _warn_stale_build_lock(op: str) -> None:
     for lock in root.glob(f"**/{op}/lock"):
         print(f"note: {lock} exists; if no other process is building {op} right now, it is left from a killed "
               f"build and this run will wait on it forever: delete it and relaunch", file=sys.stderr, flush=True)
+
+
+def _keep_fp32_masters(values: list[tuple[nn.Parameter, torch.Tensor]]) -> None:
+    """Write trainable parameters' float32 values (taken before `deepspeed.initialize`) into their fp32
+    master copies. Without ZeRO-3's partitioned base (ZeRO-0/1/2), bf16 makes DeepSpeed cast every module
+    parameter to bf16 and only then build the masters from it: restored adapters (and new experts' init)
+    would be rounded to bf16 at each stage start. ZeRO-3 casts nothing here (the dtype check skips it)."""
+    from deepspeed.utils import safe_set_full_fp32_param
+
+    for p, value in values:
+        if p.dtype != value.dtype:
+            safe_set_full_fp32_param(p, value)  # this rank's part of the master; the bf16 copy is already round(value)

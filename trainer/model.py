@@ -276,6 +276,27 @@ class MoECLModel(nn.Module):
         r.gate_shared.clear()
 
 
+def checkpoint_layers(model: MoECLModel) -> None:
+    """Activation checkpointing (`train.activation_checkpointing`): in a training forward each decoder
+    layer keeps only its input, and backward recomputes it with the forward's RNG state (same dropout).
+
+    torch's non-reentrant checkpoint, set on the layers by transformers. Not the reentrant one, nor
+    `deepspeed.checkpointing.checkpoint` (reentrant too; DeepSpeed's non-reentrant variant only adds
+    activation partitioning for model parallelism): reentrant runs the forward under no_grad and
+    differentiates only what the layer returns, so `Routing.pooled`, which MoE-CL layers hand to the
+    discriminators on the side, would carry no gradient and the adversarial term would silently stop
+    reaching the shared expert and gates. Non-reentrant builds the usual graph and only re-creates the
+    tensors it saved, so side outputs keep their gradient (a recomputation may write `pooled` /
+    `gate_shared` again, under the same layer keys, after they were used). Under ZeRO-3 nothing more is
+    needed: transformers checkpoints the layer's `forward`, and the recomputation calls the submodules,
+    whose own hooks gather their partitioned weights again (tested with 2 ranks: the same adapters).
+    """
+    model.base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    # transformers also makes the embeddings' output require grad, which only the reentrant variant needs;
+    # kept, it would add a backward through layer 0's attention for a gradient nothing uses.
+    model.base.disable_input_require_grads()
+
+
 def _unique(params) -> list[nn.Parameter]:
     seen, out = set(), []
     for p in params:

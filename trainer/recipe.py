@@ -32,7 +32,7 @@ from .data import DataError, Encoded, PromptFormat, collate, load_tasks, step_ba
 from .distributed import Interrupted, Strategy, rng_state, set_rng_state
 from .evaluate import evaluate
 from .metrics import cl_metrics, format_table, heatmap
-from .model import MoECLModel
+from .model import MoECLModel, checkpoint_layers
 from .monitor import Monitor
 
 
@@ -161,6 +161,8 @@ def prepare_training(s: Setup, strategy: Strategy) -> Training:
     seed_everything(cfg.run.seed * 1000 + s.k)
     s.model.add_task(s.task)  # the new expert starts as a no-op (B = 0)
     params = s.model.freeze_all_but(s.task)
+    if tc.activation_checkpointing:
+        checkpoint_layers(s.model)
     train_set = s.fmt.encode(s.tasks[s.task], "train")
     global_batch = tc.micro_batch_size * tc.grad_accum * strategy.world_size
     per_epoch = steps_per_epoch(len(train_set.rows), global_batch)
@@ -267,7 +269,7 @@ def _resume(strategy: Strategy, ckpt_dir: Path, fingerprint: str, total: int) ->
 def _resume_fingerprint(s: Setup, world_size: int) -> str:
     """What a mid-stage checkpoint must agree on to be resumed."""
     c = to_dict(s.cfg)
-    for volatile in ("checkpoint_every", "resume", "log_every"):
+    for volatile in ("checkpoint_every", "resume", "log_every", "activation_checkpointing"):
         c["train"].pop(volatile)
     c.pop("eval")
     previous = s.previous.manifest["files"][ADAPTERS] if s.previous else None
