@@ -10,11 +10,11 @@ import hashlib
 import json
 from pathlib import Path
 
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from . import builtin
 from .config import ConfigError, ModelConfig
-from .distributed import resolve_dtype
+from .distributed import Strategy, resolve_dtype
 from .model import SUPPORTED_MODEL_TYPES
 
 
@@ -36,15 +36,17 @@ def load_tokenizer(folder: Path, trust_remote_code: bool = False) -> PreTrainedT
     return tok
 
 
-def load_base(cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, Path]:
-    """Frozen base model, tokenizer and the folder they came from. Only safetensors weights are read."""
+def load_base(cfg: ModelConfig, strategy: Strategy | None = None
+              ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, Path]:
+    """Frozen base model, tokenizer and the folder they came from. Only safetensors weights are read.
+
+    The strategy decides how the weights are placed (under ZeRO-3: partitioned while they load)."""
     folder = resolve_model_path(cfg)
     hf_config = AutoConfig.from_pretrained(folder, trust_remote_code=cfg.trust_remote_code)
     if hf_config.model_type not in SUPPORTED_MODEL_TYPES:
         raise ConfigError(f"model.path: {folder} is a {hf_config.model_type!r} model; MoE-CL wraps gated MLPs "
                          f"and supports {', '.join(SUPPORTED_MODEL_TYPES)}")
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=resolve_dtype(cfg.dtype), use_safetensors=True,
-                                                 trust_remote_code=cfg.trust_remote_code)
+    model = (strategy or Strategy()).load_base_model(folder, hf_config, resolve_dtype(cfg.dtype), cfg.trust_remote_code)
     model.requires_grad_(False)
     return model, load_tokenizer(folder, cfg.trust_remote_code), folder
 

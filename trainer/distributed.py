@@ -79,6 +79,11 @@ class Strategy:
         """Sum (or mean) every value over ranks."""
         return dict(metrics)
 
+    def per_rank(self, value: float) -> list[float]:
+        """`value` of every rank, in rank order (a collective: call on every rank)."""
+        mine = {f"{r:06d}": (float(value) if r == self.rank else 0.0) for r in range(self.world_size)}
+        return [v for _, v in sorted(self.all_reduce(mine).items())]
+
     def shard(self, n: int) -> tuple[list[int], list[bool]]:
         """This rank's share of `n` evaluation rows, padded so every rank runs the same number of
         batches (every rank must call the same modules equally often). Padding rows are marked False."""
@@ -90,9 +95,12 @@ class Strategy:
         valid += [False] * (per_rank - len(valid))
         return idx, valid
 
-    def model_loading(self):
-        """Context in which the base model is built (ZeRO-3: partitioned as it is created)."""
-        return contextlib.nullcontext()
+    def load_base_model(self, folder: Path, hf_config, dtype: torch.dtype, trust_remote_code: bool = False) -> nn.Module:
+        """The frozen base from a local Hugging Face folder (safetensors only), whole in this process."""
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(folder, config=hf_config, dtype=dtype, use_safetensors=True,
+                                                    trust_remote_code=trust_remote_code)
 
     def setup(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, scheduler, cfg: Config) -> Callable:
         """Wrap the model for training (optimizer None: for inference); returns what to call for a forward."""
@@ -247,13 +255,18 @@ class DeepSpeedStrategy(Strategy):
             t /= self.world_size
         return dict(zip(keys, t.tolist()))
 
-    def model_loading(self):
-        if self.zero_stage == 3:
-            from transformers.integrations import HfDeepSpeedConfig
+    def load_base_model(self, folder, hf_config, dtype, trust_remote_code=False):
+        if self.zero_stage != 3:
+            return super().load_base_model(folder, hf_config, dtype, trust_remote_code)
+        from transformers.integrations import HfDeepSpeedConfig
 
-            # Kept alive: while it exists, from_pretrained builds and loads under zero.Init.
-            self._hf_ds_config = HfDeepSpeedConfig(self.ds_config)
-        return contextlib.nullcontext()
+        from .partitioned import build_partitioned
+
+        # Each rank builds the model partitioned and reads only its own slices of the checkpoint.
+        model = build_partitioned(folder, hf_config, dtype, self.ds_config, trust_remote_code)
+        # Kept alive afterwards: transformers' generation and utilities then know ZeRO-3 is on.
+        self._hf_ds_config = HfDeepSpeedConfig(self.ds_config)
+        return model
 
     def setup(self, model, optimizer, scheduler, cfg):
         import deepspeed

@@ -51,6 +51,7 @@ class Setup:
     previous: StageRecord | None
     base_folder: Path
     restored: dict  # adapter tensors loaded from the previous stage (frozen ones are saved back as-is)
+    load_seconds: float = 0.0  # building the base (partitioned under ZeRO-3) and restoring the experts
 
 
 def run_sequence(cfg: Config, strategy: Strategy) -> dict:
@@ -87,6 +88,7 @@ def run_stage(cfg: Config, k: int, strategy: Strategy) -> StageRecord:
         val = evaluate(s.model, s.fmt.encode(s.tasks[s.task], "val"), s.tokenizer, cfg.eval.batch_size,
                        cfg.eval.max_new_tokens, strategy)["accuracy"]
         strategy.print(f"validation accuracy on {s.task}: {val:.3f}")
+    strategy.print(f"saving stage {k} ({s.task})")
     record = save_stage(s, strategy, baseline, test_acc, val, train_stats, step0, time.time() - t0)
     for t, acc in test_acc.items():
         monitor.scalars(k, {f"eval/accuracy/{t}": acc})
@@ -102,20 +104,21 @@ def setup_stage(cfg: Config, k: int, strategy: Strategy) -> Setup:
     if previous is not None:
         _check_compatible(previous, cfg)
     tasks = {t.name: t for t in load_tasks(cfg.data, cfg.run.seed)}
+    t0 = time.time()
     model, tokenizer, folder, restored = load_model(cfg, previous, strategy)
+    load_seconds = time.time() - t0
     fmt = PromptFormat(tokenizer, cfg.data)
     tests = {t: fmt.encode(tasks[t], "test") for t in order}
     strategy.print(f"stage {k}/{len(order)}: {task} | base {folder} | {strategy.world_size} rank(s) | from "
                    f"{previous.folder if previous else 'the untrained model'}")
-    return Setup(cfg, k, task, model, tokenizer, fmt, tasks, tests, previous, folder, restored)
+    return Setup(cfg, k, task, model, tokenizer, fmt, tasks, tests, previous, folder, restored, load_seconds)
 
 
 def load_model(cfg: Config, record: StageRecord | None, strategy: Strategy):
     """The base with MoE-CL layers, holding `record`'s experts (none: the untrained model).
 
     Returns (model, tokenizer, base folder, the adapter tensors restored)."""
-    with strategy.model_loading():
-        base, tokenizer, folder = load_base(cfg.model)
+    base, tokenizer, folder = load_base(cfg.model, strategy)
     seed_everything(cfg.run.seed)  # shared expert and discriminator init: the same on every rank and run
     model = MoECLModel(base, cfg.data.order, cfg.experts)
     tensors = {}
@@ -201,7 +204,9 @@ def train_stage(s: Setup, tr: Training, strategy: Strategy, monitor: Monitor, st
     t_start = t_window = time.time()
     bar = tqdm(range(start, total), initial=start, total=total, desc=f"stage {s.k} {s.task}",
                disable=not strategy.is_main(), dynamic_ncols=True)
+    step_seconds = []
     for step in bar:
+        t_step = time.time()
         for rows in step_batches(len(train_set.rows), step, tc.micro_batch_size, tc.grad_accum,
                                  strategy.world_size, strategy.rank, data_seed):
             batch = collate([train_set.rows[i] for i in rows], pad)
@@ -210,6 +215,7 @@ def train_stage(s: Setup, tr: Training, strategy: Strategy, monitor: Monitor, st
             strategy.backward(out.loss)
             _accumulate(window, out, 1 / tc.grad_accum)
         grad_norm = strategy.optimizer_step()
+        step_seconds.append(time.time() - t_step)
         window["grad_norm"] = window.get("grad_norm", 0.0) + grad_norm
         window["steps"] = window.get("steps", 0) + 1
         if (step + 1) % tc.log_every == 0 or step + 1 == total:
@@ -231,7 +237,8 @@ def train_stage(s: Setup, tr: Training, strategy: Strategy, monitor: Monitor, st
         if tc.checkpoint_every and (step + 1) % tc.checkpoint_every == 0 and step + 1 < total:
             save_checkpoint(s, strategy, ckpt_dir, step + 1, fingerprint)
     return {"steps": total, "resumed_at": start, "seconds": time.time() - t_start, "rows": len(train_set.rows),
-            "first_logged_task_loss": first_loss, "last_logged_task_loss": last_loss}
+            "first_logged_task_loss": first_loss, "last_logged_task_loss": last_loss,
+            "trainable_parameters": tr.n_trainable, "step_seconds": [round(t, 3) for t in step_seconds]}
 
 
 def save_checkpoint(s: Setup, strategy: Strategy, ckpt_dir: Path, step: int, fingerprint: str) -> None:
@@ -278,6 +285,7 @@ def _resume_fingerprint(s: Setup, world_size: int) -> str:
 
 def evaluate_tasks(s: Setup, strategy: Strategy, label: str) -> dict[str, float]:
     """Test accuracy of every task of the order (tasks not learned yet use the shared expert alone)."""
+    strategy.print(f"evaluating {len(s.tests)} task(s), {label}")
     acc = {}
     for t, enc in s.tests.items():
         acc[t] = evaluate(s.model, enc, s.tokenizer, s.cfg.eval.batch_size, s.cfg.eval.max_new_tokens,
@@ -293,19 +301,22 @@ def save_stage(s: Setup, strategy: Strategy, baseline: dict, test_acc: dict, val
     named = s.model.adapter_parameters()
     trainable = {k: p for k, p in named.items() if p.requires_grad}
     # Frozen experts are written back exactly as they were loaded: bit-identical whatever the precision.
+    t0 = time.time()
     tensors = {k: s.restored[k] for k in named if k not in trainable}
     tensors.update(strategy.full_tensors(trainable))  # a collective: on every rank
+    resources = footprint(s, strategy)  # a collective too
     folder = run.stage_dir(s.k, s.task)
     if strategy.is_main():
         with atomic.staged_dir(folder) as tmp:
             # One metadata key: safetensors writes several in a per-process random (hash map) order.
             sha = checkpoint.save_adapters(tmp / ADAPTERS, tensors, {"format": "moe-cl"})
+            resources["save_seconds"] = round(time.time() - t0, 3)
             manifest = {
                 "stage": s.k, "task": s.task, "order": s.cfg.data.order, "learned": s.cfg.data.order[: s.k],
                 "config": to_dict(s.cfg),
                 "base_model": {"path": str(s.base_folder), "fingerprint": base_fingerprint(s.base_folder)},
                 "steps": train_stats["steps"], "global_step": step0 + train_stats["steps"],
-                "train": train_stats, "seconds": seconds, "world_size": strategy.world_size,
+                "train": train_stats, "seconds": seconds, "world_size": strategy.world_size, "resources": resources,
                 "eval": {"test_accuracy": test_acc, "val_accuracy": val},
                 "baseline": baseline,
                 "files": {ADAPTERS: sha},
@@ -320,6 +331,22 @@ def save_stage(s: Setup, strategy: Strategy, baseline: dict, test_acc: dict, val
         strategy.print(f"stage {s.k} written to {folder}")
     strategy.barrier()
     return run.require_stage(s.k, s.cfg.data.order)
+
+
+def footprint(s: Setup, strategy: Strategy) -> dict:
+    """Bytes each rank holds of the frozen base and of the adapters (its ZeRO-3 partitions), and timings."""
+    adapters = {id(p) for p in s.model.adapter_parameters().values()}
+    held = {"base": 0, "adapters": 0, "base_total": 0}
+    for p in s.model.parameters():
+        local, full = strategy.local_numel(p)
+        kind = "adapters" if id(p) in adapters else "base"
+        held[kind] += local * p.element_size()
+        held["base_total"] += full * p.element_size() if kind == "base" else 0
+    base_params = sum(strategy.local_numel(p)[1] for p in s.model.parameters() if id(p) not in adapters)
+    return {"world_size": strategy.world_size, "base_params": base_params, "base_bytes": held["base_total"],
+            "frozen_bytes_per_rank": [int(b) for b in strategy.per_rank(held["base"])],
+            "adapter_bytes_per_rank": [int(b) for b in strategy.per_rank(held["adapters"])],
+            "load_seconds": round(s.load_seconds, 3)}
 
 
 def report(run_root: Path, order: list[str] | None, strategy: Strategy, monitor: Monitor | None = None) -> dict | None:
