@@ -11,6 +11,7 @@ All use SmolLM2's tokenizer (a real 49k BPE with a chat template), read from the
 
 from __future__ import annotations
 
+import fcntl
 import importlib.util
 import json
 from pathlib import Path
@@ -37,13 +38,15 @@ def materialize(name: str, cache_dir: Path) -> Path:
     stamp = json.dumps({"name": name, "version": VERSION})
     if _read(folder / MARKER) == stamp:
         return folder
-    try:
-        with atomic.staged_dir(folder) as tmp:
-            _build(name, tmp)
-            (tmp / MARKER).write_text(stamp)
-    except OSError:
-        if _read(folder / MARKER) != stamp:  # not a concurrent builder winning the rename
-            raise
+    # Every rank of a first multi-rank run gets here at once: one builds, the others wait and reuse it
+    # (without the lock, one rank's rename replaced the folder while another was reading it).
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with open(cache_dir / ".builtin.lock", "w") as lock:  # one lock: the builtins share a tokenizer folder
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if _read(folder / MARKER) != stamp:
+            with atomic.staged_dir(folder) as tmp:
+                _build(name, tmp)
+                (tmp / MARKER).write_text(stamp)
     return folder
 
 
@@ -74,14 +77,10 @@ def _tokenizer(cache_dir: Path):
     from transformers import AutoTokenizer
 
     folder = cache_dir / "smollm2-tokenizer"
-    if not (folder / "tokenizer_config.json").is_file():
+    if not (folder / "tokenizer_config.json").is_file():  # called under materialize's lock
         tokenizer = AutoTokenizer.from_pretrained(_smollm2_dir(), gguf_file=GGUF_FILE)
-        try:
-            with atomic.staged_dir(folder) as tmp:
-                tokenizer.save_pretrained(tmp)
-        except OSError:
-            if not (folder / "tokenizer_config.json").is_file():
-                raise
+        with atomic.staged_dir(folder) as tmp:
+            tokenizer.save_pretrained(tmp)
     return AutoTokenizer.from_pretrained(folder)
 
 
