@@ -60,10 +60,11 @@ COMMON = dict(vocab_size=32000, bos_token_id=1, eos_token_id=2, rms_norm_eps=1e-
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
-def hf_config(shape: str, dtype: str):
+def hf_config(shape: str, dtype: str, layers: int | None = None):
     from transformers import AutoConfig
 
     model_type, dims = SHAPES[shape]
+    dims = dict(dims, **({"num_hidden_layers": layers} if layers else {}))
     config = AutoConfig.for_model(model_type, **COMMON, **dims)
     config.dtype = dtype
     config.architectures = [type(config).__name__.replace("Config", "ForCausalLM")]
@@ -126,9 +127,9 @@ def write_tokenizer(out: Path) -> None:
 
 
 def write_base(shape: str, out: Path, dtype_name: str = "bfloat16", seed: int = 0,
-               max_shard_bytes: int = 2 << 30, log=print) -> dict:
+               max_shard_bytes: int = 2 << 30, layers: int | None = None, log=print) -> dict:
     dtype = DTYPES[dtype_name]
-    config = hf_config(shape, dtype_name)
+    config = hf_config(shape, dtype_name, layers)
     specs = tensor_specs(config)
     shards = plan_shards(specs, dtype, max_shard_bytes)
     n = len(shards)
@@ -154,7 +155,7 @@ def write_base(shape: str, out: Path, dtype_name: str = "bfloat16", seed: int = 
         if n > 1:
             index = {"metadata": {"total_size": total * item}, "weight_map": weight_map}
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-        (tmp / MARKER).write_text(json.dumps(_stamp(shape, dtype_name, seed, max_shard_bytes)) + "\n")
+        (tmp / MARKER).write_text(json.dumps(_stamp(shape, dtype_name, seed, max_shard_bytes, layers)) + "\n")
         _readable(tmp)  # a base on a cluster's shared filesystem is read by other users' jobs
     return {"folder": str(out), "shape": shape, "params": total, "bytes": total * item, "shards": n,
             "seconds": round(time.time() - t0, 1), "peak_rss_bytes": _peak_rss()}
@@ -172,13 +173,14 @@ def _generation_config(config):
     return GenerationConfig(bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id)
 
 
-def _stamp(shape: str, dtype: str, seed: int, max_shard_bytes: int) -> dict:
-    return {"shape": shape, "dtype": dtype, "seed": seed, "max_shard_bytes": max_shard_bytes, "version": VERSION}
+def _stamp(shape: str, dtype: str, seed: int, max_shard_bytes: int, layers: int | None = None) -> dict:
+    return {"shape": shape, "dtype": dtype, "seed": seed, "max_shard_bytes": max_shard_bytes, "version": VERSION,
+            **({"layers": layers} if layers else {})}
 
 
-def is_written(out: Path, shape: str, dtype: str, seed: int, max_shard_bytes: int) -> bool:
+def is_written(out: Path, shape: str, dtype: str, seed: int, max_shard_bytes: int, layers: int | None = None) -> bool:
     marker = out / MARKER
-    return marker.is_file() and json.loads(marker.read_text()) == _stamp(shape, dtype, seed, max_shard_bytes)
+    return marker.is_file() and json.loads(marker.read_text()) == _stamp(shape, dtype, seed, max_shard_bytes, layers)
 
 
 def _peak_rss() -> int:
@@ -199,20 +201,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-shard-size", type=parse_size, default=parse_size("2GB"), help="e.g. 2GB (default), 500MB")
+    p.add_argument("--layers", type=int, default=None,
+                   help="override the number of decoder layers (e.g. a 7B-wide 4-layer base for quick checks)")
     p.add_argument("--reuse", action="store_true", help="do nothing if OUT already holds this shape, dtype and seed")
     args = p.parse_args(argv)
     out = Path(args.out).expanduser()
-    if args.reuse and is_written(out, args.shape, args.dtype, args.seed, args.max_shard_size):
+    if args.reuse and is_written(out, args.shape, args.dtype, args.seed, args.max_shard_size, args.layers):
         print(f"{out} already holds {args.shape} ({args.dtype}, seed {args.seed}); reusing it")
         print(json.dumps({"folder": str(out), "shape": args.shape, "reused": True}))
         return 0
     free = shutil.disk_usage(out.parent if out.parent.exists() else Path.cwd()).free
-    need = sum(s.numel() for _, s in tensor_specs(hf_config(args.shape, args.dtype))) * \
+    need = sum(s.numel() for _, s in tensor_specs(hf_config(args.shape, args.dtype, args.layers))) * \
         torch.empty((), dtype=DTYPES[args.dtype]).element_size()
     if need > free:
         print(f"error: {out.parent}: {need / 1e9:.1f} GB needed, {free / 1e9:.1f} GB free", file=sys.stderr)
         return 2
-    result = write_base(args.shape, out, args.dtype, args.seed, args.max_shard_size)
+    result = write_base(args.shape, out, args.dtype, args.seed, args.max_shard_size, args.layers)
     print(json.dumps(result))
     return 0
 
