@@ -77,3 +77,13 @@ def test_weights_do_not_depend_on_shard_size_and_reuse(sharded, tmp_path):
     stamp = (single / "model.safetensors").stat().st_mtime_ns
     assert _write(single, "--reuse")["reused"] is True
     assert (single / "model.safetensors").stat().st_mtime_ns == stamp
+
+
+def test_refuses_to_replace_a_folder_it_did_not_write(tmp_path):
+    folder = tmp_path / "Llama-2-7b-hf"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    proc = subprocess.run([sys.executable, str(REPO / "tools" / "make_base.py"), "--shape", "tiny", "--out", str(folder),
+                           "--reuse"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "refusing to replace it" in proc.stderr
+    assert [p.name for p in folder.iterdir()] == ["config.json"]

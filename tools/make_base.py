@@ -203,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-shard-size", type=parse_size, default=parse_size("2GB"), help="e.g. 2GB (default), 500MB")
     p.add_argument("--layers", type=int, default=None,
                    help="override the number of decoder layers (e.g. a 7B-wide 4-layer base for quick checks)")
+    p.add_argument("--force", action="store_true", help="replace OUT even if this tool did not write it")
     p.add_argument("--reuse", action="store_true", help="do nothing if OUT already holds this shape, dtype and seed")
     args = p.parse_args(argv)
     out = Path(args.out).expanduser()
@@ -210,6 +211,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{out} already holds {args.shape} ({args.dtype}, seed {args.seed}); reusing it")
         print(json.dumps({"folder": str(out), "shape": args.shape, "reused": True}))
         return 0
+    if out.exists() and any(out.iterdir()) and not (out / MARKER).is_file() and not args.force:
+        print(f"error: {out} exists and was not written by this tool (no {MARKER}); refusing to replace it. "
+              "Choose another --out, or pass --force to replace it", file=sys.stderr)
+        return 2
     free = shutil.disk_usage(out.parent if out.parent.exists() else Path.cwd()).free
     need = sum(s.numel() for _, s in tensor_specs(hf_config(args.shape, args.dtype, args.layers))) * \
         torch.empty((), dtype=DTYPES[args.dtype]).element_size()

@@ -213,7 +213,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=REPO / "runs" / "rehearsal-7b")
     p.add_argument("--config", default="configs/rehearsal_7b.yaml")
     p.add_argument("--shape", default="llama2-7b", help="tools/make_base.py shape (default: llama2-7b)")
-    p.add_argument("--base", type=Path, default=None, help="base folder (default: ~/.cache/moe-cl/models/<shape>-random)")
+    p.add_argument("--base", type=Path, default=None,
+                   help="base folder (default: ~/.cache/moe-cl/models/<shape>-random, written once); a real model "
+                        "folder (not written by tools/make_base.py) is used as it is")
+    p.add_argument("--layers", type=int, default=None, help="tools/make_base.py --layers (a shallower base)")
     p.add_argument("--ranks", type=int, default=2)
     p.add_argument("--variants", default="offload",
                    help=f"stage-1 variants to measure beside the config: {', '.join(VARIANTS)} ('' for none)")
@@ -237,10 +240,14 @@ def main(argv: list[str] | None = None) -> int:
                          f"0 < train.checkpoint_every < train.max_steps")
     results: dict = {"config": args.config, "base": str(args.base)}
 
-    base = run([sys.executable, "tools/make_base.py", "--shape", args.shape, "--out", str(args.base), "--reuse"],
-               log, env)
-    check(base, "writing the base")
-    results["make_base"] = base
+    if (args.base / "config.json").is_file() and not (args.base / "moe_cl_synthetic.json").is_file():
+        print(f"using the model at {args.base} as it is (not written by tools/make_base.py)", flush=True)
+    else:
+        layers = ["--layers", str(args.layers)] if args.layers else []
+        base = run([sys.executable, "tools/make_base.py", "--shape", args.shape, *layers, "--out", str(args.base),
+                    "--reuse"], log, env)
+        check(base, "writing the base")
+        results["make_base"] = base
     run_dir = args.out / "run"
     cfgs = [args.config]
 
