@@ -68,8 +68,20 @@ def _build(name: str, out: Path) -> None:
         model = _smollm2_from_gguf()
     else:
         model = _tiny(name, vocab_size=len(tokenizer), tokenizer=tokenizer)
-    model.save_pretrained(out)
+    _save(model, out)
     tokenizer.save_pretrained(out)
+
+
+def _save(model, out: Path) -> None:
+    """What `save_pretrained` writes (config, generation config, model.safetensors), written by this process
+    whatever its rank: transformers 5 writes a model only on rank 0 of a process group, and under a launcher
+    the rank that holds the build lock may be another one (it then left a folder without weights)."""
+    from safetensors.torch import save_file
+
+    model.config.save_pretrained(out)
+    model.generation_config.save_pretrained(out)
+    tensors = {n: p.detach().contiguous() for n, p in model.named_parameters()}  # a tied weight once
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
 
 
 def _tokenizer(cache_dir: Path):
