@@ -143,13 +143,13 @@ def test_killed_stage_leaves_previous_stages_intact_and_can_be_rerun(tmp_path, m
 
 def test_failed_stage_keeps_previous_output(tmp_path, model_cache):
     o = _overrides(tmp_path, model_cache)
-    run_cli("sequence", "configs/tiny.yaml", *o)
-    stage2 = tmp_path / "run" / "stages" / "2-yelp"
-    before = {p.name: sha256_file(p) for p in stage2.iterdir()}
+    run_cli("stage", "configs/tiny.yaml", *o, "--stage", "1")
+    stage1 = tmp_path / "run" / "stages" / "1-agnews"
+    before = {p.name: sha256_file(p) for p in stage1.iterdir()}
     bad = run_cli("stage", "configs/tiny.yaml", *o, "train.micro_batch_size=64", "--stage", "2", check=False)
     assert bad.returncode != 0 and "fewer than one global batch" in bad.stderr
-    assert {p.name: sha256_file(p) for p in stage2.iterdir()} == before
-    assert not [p for p in stage2.parent.iterdir() if p.name.startswith(".")]
+    assert {p.name: sha256_file(p) for p in stage1.iterdir()} == before
+    assert [p.name for p in stage1.parent.iterdir()] == ["1-agnews"]  # no stage 2, no leftovers
 
 
 def test_cli_errors_are_clear(tmp_path, model_cache):

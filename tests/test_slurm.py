@@ -114,11 +114,21 @@ def test_submit_dry_run_shows_the_chain(tmp_path, model_cache):
 
 
 def test_two_stage_sequence_across_two_nodes(slurm_cluster, tmp_path, model_cache):
-    jobs = _submit(*_overrides(tmp_path, model_cache))
+    o = _overrides(tmp_path, model_cache)
+    jobs = _submit(*o)
     assert len(jobs) == 2 and all(j.isdigit() for j in jobs)
     assert _job(jobs[1])["Dependency"].startswith("afterok:" + jobs[0])
+    # The chain holds the run folder: a second chain, or a local run, on it stops at once.
+    lock = json.loads((tmp_path / "run" / "run.lock").read_text())
+    assert lock["jobs"] == jobs and lock["chain"]
+    second = run_cli("submit", "configs/tiny.yaml", *o, check=False)
+    assert second.returncode == 2 and f"chain of SLURM jobs {jobs[0]} {jobs[1]}" in second.stderr, second.stderr
+    local = run_cli("stage", "configs/tiny.yaml", *o, "--stage", "1", check=False)
+    assert local.returncode == 2 and "in use by" in local.stderr
     for j in jobs:
         assert _wait(j, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"))["JobState"] == "COMPLETED", _log(tmp_path, "*")
+    assert not (tmp_path / "run" / "run.lock").exists()  # handed from job to job, removed by the last
+    assert _log(tmp_path, "*").count("handed on by its SLURM chain") == 2
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert set(metrics) >= {"tasks", "accuracy", "baseline", "ACC", "BWT", "FWT"}
     assert metrics["tasks"] == ["agnews", "yelp"] and len(metrics["accuracy"]) == 2
@@ -146,8 +156,10 @@ def test_failed_stage_stops_the_chain_and_resubmission_continues(slurm_cluster, 
     stage1 = {p.name: sha256_file(p) for p in (tmp_path / "run" / "stages" / "1-agnews").iterdir()}
 
     (data / "yelp" / "train.json").write_text(good)  # the cause, fixed
-    again = _submit(*o)
+    resubmitted = run_cli("submit", "configs/tiny.yaml", *o)
+    again = resubmitted.stdout.split()
     assert len(again) == 2  # stage 1 is complete and not redone
+    assert "none of the SLURM chain's jobs is queued or running" in resubmitted.stderr  # the old chain's lock
     for j in again:
         assert _wait(j, ("COMPLETED", "FAILED", "CANCELLED"))["JobState"] == "COMPLETED", _log(tmp_path, "*")
     assert {p.name: sha256_file(p) for p in (tmp_path / "run" / "stages" / "1-agnews").iterdir()} == stage1
@@ -184,6 +196,8 @@ def test_usr1_checkpoints_requeues_and_resumes_to_the_same_result(slurm_cluster,
     assert final["JobState"] == "COMPLETED", (final, log[-3000:])
     assert int(final["Restarts"]) == 1
     assert "USR1: walltime near" in log and "requeueing" in log and "resuming from" in log
+    assert log.count("handed on by its SLURM chain") == 2  # the requeued job took the lock back
+    assert not (tmp_path / "run" / "run.lock").exists()
     manifest = json.loads((tmp_path / "run" / "stages" / "1-agnews" / "stage.json").read_text())
     assert 0 < manifest["train"]["resumed_at"] < 150
 
@@ -197,3 +211,46 @@ def test_usr1_checkpoints_requeues_and_resumes_to_the_same_result(slurm_cluster,
     b = load_file(tmp_path / "clean" / "stages" / "1-agnews" / "adapters.safetensors")
     for k in b:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+
+
+def _trainer_rank(run_dir, rank: int) -> int | None:
+    """Pid of the trainer process of `rank` working on `run_dir` (the nodes are emulated on this machine)."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            args = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if str(run_dir) in args and "-m trainer stage" in args and "torch.distributed.run" not in args \
+                and f"RANK={rank}".encode() in env:
+            return int(pid)
+    return None
+
+
+def test_a_rank_killed_on_one_node_ends_the_job_and_the_resubmission_resumes(slurm_cluster, tmp_path, model_cache):
+    o = _overrides(tmp_path, model_cache, **{"data.order": "[agnews]", "train.max_steps": 60,
+                                             "train.checkpoint_every": 2})
+    [job] = _submit(*o)
+    latest = tmp_path / "run" / "checkpoints" / "1-agnews" / "latest"
+    deadline = time.time() + 300
+    while not (latest.is_file() and latest.read_text().strip() >= "step-0000004"):
+        assert time.time() < deadline and _job(job)["JobState"] in ("PENDING", "RUNNING"), _log(tmp_path, "*")
+        time.sleep(0.2)
+    pid = _trainer_rank(tmp_path / "run", 1)  # the rank on the second node
+    assert pid is not None
+    os.kill(pid, 9)
+    t0 = time.time()
+    final = _wait(job, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), timeout=180)
+    assert final["JobState"] == "FAILED" and time.time() - t0 < 120, (final, time.time() - t0)
+    deadline = time.time() + 120
+    while _processes_naming(str(tmp_path / "run"), f"slurmstepd: [{job}."):  # let the nodes finish tearing down
+        assert time.time() < deadline
+        time.sleep(0.2)
+    assert not (tmp_path / "run" / "stages").exists()
+    step = latest.read_text().strip()
+
+    [again] = _submit(*o)
+    final = _wait(again, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), timeout=400)
+    log = _log(tmp_path, f"stage-1-agnews-{again}.out")
+    assert final["JobState"] == "COMPLETED", log[-3000:]
+    assert f"resuming from {latest.parent / step}" in log

@@ -18,12 +18,14 @@ import json
 import os
 import sys
 
+from .atomic import DiskFull
 from .checkpoint import CheckpointError
 from .config import ConfigError, load_config
 from .data import DataError
 from .distributed import EXIT_REQUEUE, Interrupted
+from .runlock import LockError
 
-USER_ERRORS = (ConfigError, DataError, CheckpointError, FileNotFoundError, ModuleNotFoundError)
+USER_ERRORS = (ConfigError, DataError, CheckpointError, LockError, DiskFull, FileNotFoundError, ModuleNotFoundError)
 ADAPTER_VERBS = ("extract", "merge", "export", "predict", "inspect")
 
 
@@ -92,13 +94,19 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = list(args.overrides) + extra
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     _quiet_libraries()
-    from . import recipe
+    from . import recipe, runlock
     from .distributed import make_strategy
 
     try:
-        if args.verb == "report":
+        if args.verb == "report":  # rewrites metrics.json unless a run holds the folder (then it only prints)
             strategy = make_strategy(None)
-            return 0 if recipe.report(args.run_dir, None, strategy) is not None else 1
+            try:
+                with runlock.hold(args.run_dir, strategy):
+                    return 0 if recipe.report(args.run_dir, None, strategy) is not None else 1
+            except LockError:
+                print(f"note: a run is writing {args.run_dir}; printing its metrics without rewriting metrics.json",
+                      file=sys.stderr)
+                return 0 if recipe.report(args.run_dir, None, strategy, write=False) is not None else 1
         if args.verb in ADAPTER_VERBS:
             return adapter_verb(args, make_strategy(None))
         cfg = load_config(args.config, args.overrides)
@@ -108,15 +116,21 @@ def main(argv: list[str] | None = None) -> int:
             for line in submit(cfg, dry_run=args.dry_run):
                 print(line, flush=True)
             return 0
+        if args.verb in ("sequence", "stage"):
+            from .data import load_tasks
+
+            load_tasks(cfg.data, cfg.run.seed)  # bad data is reported before anything is written
         strategy = make_strategy(cfg)
-        if args.verb == "sequence":
-            recipe.run_sequence(cfg, strategy)
-        elif args.verb == "stage":
-            recipe.run_stage(cfg, args.stage, strategy)
-        else:
+        if args.verb == "evaluate":  # writes nothing: no run lock
             result = recipe.evaluate_stage(cfg, args.stage, args.split, strategy)
             if args.json:
                 strategy.print(json.dumps(result))
+        else:
+            with runlock.hold(cfg.run.dir, strategy, cfg.run.lock_stale_seconds):
+                if args.verb == "sequence":
+                    recipe.run_sequence(cfg, strategy)
+                else:
+                    recipe.run_stage(cfg, args.stage, strategy)
         strategy.close()
         return 0
     except Interrupted as e:  # every rank stops at the same step (stop_requested is a collective)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import types
 import typing
@@ -28,6 +29,9 @@ class RunConfig:
     """Where stage outputs, metrics, TensorBoard logs and the resolved config go."""
     seed: int = 0
     """Seeds expert initialisation, data order, dropout and the validation split."""
+    lock_stale_seconds: int = 600
+    """A run holds RUN_DIR/run.lock while it writes, refreshing it every 30 s. A lock whose holder cannot
+    be checked directly (another host, no SLURM job to ask about) is taken over once it is this old."""
 
 
 @dataclass
@@ -140,6 +144,10 @@ class DistributedConfig:
     are filled in from this experiment config."""
     param_persistence_threshold: Optional[int] = None
     """Overrides stage3_param_persistence_threshold (parameters below it are not sharded); 0 shards all."""
+    timeout_seconds: int = 1800
+    """Process-group timeout: a collective that waits longer for a rank (hung, or gone without its
+    connection closing) fails, so the whole job ends instead of waiting forever. Must exceed the longest
+    gap between collectives: one training step, or saving a checkpoint."""
 
 
 @dataclass
@@ -192,11 +200,25 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     if path is not None:
         source = str(path)
         try:
-            raw = yaml.safe_load(Path(path).read_text()) or {}
+            text = _read_text(Path(path))
         except FileNotFoundError:
             raise ConfigError(f"{path}: config file not found") from None
+        except OSError as e:  # a folder, no permission, ...
+            raise ConfigError(f"{path}: cannot read the config file ({e.strerror})") from None
+        try:
+            raw = yaml.load(text, Loader=_UniqueKeyLoader) or {}
         except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+            mark = getattr(e, "problem_mark", None)
+            at = f"line {mark.line + 1} column {mark.column + 1}: " if mark else ""
+            what = " ".join(str(x) for x in (getattr(e, "context", None), getattr(e, "problem", None)) if x)
+            if isinstance(e, yaml.reader.ReaderError):  # a forbidden character, at a character position
+                line = text.count("\n", 0, e.position) + 1
+                at, what = f"line {line}: ", str(e).splitlines()[0]
+            raise ConfigError(f"{path}: {at}not valid YAML ({what or e})") from None
+        except RecursionError:
+            raise ConfigError(f"{path}: not valid YAML (lists or mappings nested too deeply)") from None
+        except ValueError as e:  # e.g. an integer of more than 4300 digits
+            raise ConfigError(f"{path}: not valid YAML ({str(e).split(';')[0]})") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections (run, model, ...)")
     errors: list[str] = []
@@ -219,7 +241,7 @@ def validate(cfg: Config) -> list[str]:
         errs.append("data.order: required, the list of task names to learn in turn")
     seen = set()
     for name in cfg.data.order:
-        if not TASK_NAME.match(name):
+        if not TASK_NAME.fullmatch(name):
             errs.append(f"data.order: task name {name!r} may only use letters, digits, '_' and '-'")
         if name in seen:
             errs.append(f"data.order: task {name!r} is listed twice; each task is one stage")
@@ -227,7 +249,9 @@ def validate(cfg: Config) -> list[str]:
     if name_clash := ({"shared"} & seen):
         errs.append(f"data.order: {sorted(name_clash)} is reserved for the shared expert; rename the task")
     for k, v in {"slurm.nodes": cfg.slurm.nodes, "slurm.procs_per_node": cfg.slurm.procs_per_node,
-                 "slurm.signal_seconds": cfg.slurm.signal_seconds}.items():
+                 "slurm.signal_seconds": cfg.slurm.signal_seconds,
+                 "run.lock_stale_seconds": cfg.run.lock_stale_seconds,
+                 "distributed.timeout_seconds": cfg.distributed.timeout_seconds}.items():
         if v <= 0:
             errs.append(f"{k}: must be > 0, got {v}")
     if cfg.slurm.gpus_per_node < 0:
@@ -278,6 +302,33 @@ def from_dict(raw: dict, source: str = "<dict>") -> Config:
     if errors:
         raise ConfigError(f"{source}: " + "; ".join(errors))
     return cfg
+
+
+def _read_text(path: Path) -> str:
+    """The file as UTF-8 text; other bytes are an error naming the line."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line, column = data.count(b"\n", 0, e.start) + 1, e.start - data.rfind(b"\n", 0, e.start)
+        raise ConfigError(f"{path}: line {line} column {column}: byte 0x{data[e.start]:02x} is not UTF-8; "
+                          f"save the file as UTF-8") from None
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load, except that a key given twice in one mapping is an error (YAML keeps the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+                key = self.construct_object(key_node, deep=deep)
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key {key!r} is given twice (first on line {seen[key] + 1}); keep one",
+                        key_node.start_mark)
+                seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep)
 
 
 def _apply_override(raw: dict, item: str, errors: list[str]) -> None:
@@ -356,15 +407,14 @@ def _coerce(value: Any, t) -> tuple[bool, Any]:
         return isinstance(value, bool), value
     if t is int:
         return (isinstance(value, int) and not isinstance(value, bool)), value
-    if t is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return True, float(value)
-        if isinstance(value, str):  # YAML 1.1 reads `1e-4` as a string
-            try:
-                return True, float(value)
-            except ValueError:
-                return False, None
-        return False, None
+    if t is float:  # a str too: YAML 1.1 reads `1e-4` as one. Finite only: nan and inf are no setting
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            return False, None
+        try:
+            value = float(value)
+        except (ValueError, OverflowError):
+            return False, None
+        return math.isfinite(value), value
     if t is str:
         return isinstance(value, str), value
     return False, None

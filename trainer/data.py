@@ -12,6 +12,12 @@ options) answered by the option's letter or its label text; it goes through the 
 template when there is one. Prompt and answer are encoded as one string, so tokens are those of the
 whole rendered text; loss falls on the answer tokens only, and a long text is cut inside the text,
 never in the options or the answer. Tokenization runs through `datasets.map` with its cache.
+
+Every file is UTF-8 (a leading byte-order mark is accepted); JSONL lines end at "\n" only. A row's
+text fields (sentence; instruction, input, output) are strings of at most MAX_TEXT_CHARS = 1,000,000
+characters (real MTL5 rows stay under 6,000): a longer one is almost surely a broken export. Sentences,
+instructions and outputs must not be blank; an instruction row's input may be empty. Any problem
+raises DataError naming the file, the row (JSON list index) or line (JSONL line number), and the field.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from pathlib import Path
 import datasets
 import torch
 
+from . import atomic
 from .config import DataConfig
 from .model import IGNORE
 
@@ -41,6 +48,7 @@ INSTRUCTIONS = {  # MTL5 tasks; others get GENERIC_INSTRUCTION unless data.instr
 GENERIC_INSTRUCTION = "Choose the option that best describes the text."
 SENTINEL = "\u2063TEXT\u2063"  # marks where the (truncatable) text sits inside a rendered prompt
 FORMAT_VERSION = "2"  # bump when the prompt layout changes, to invalidate tokenization caches
+MAX_TEXT_CHARS = 1_000_000  # per text field of a row; see the module docstring
 
 
 class DataError(ValueError):
@@ -81,14 +89,19 @@ def load_task(folder: Path, name: str, cfg: DataConfig, seed: int) -> Task:
     elif (folder / "train.jsonl").exists():
         task = _load_generation(folder, name)
     else:
-        raise DataError(f"task {name!r}: {folder} holds neither train.json + test.json + labels.json "
-                        f"(CL_Benchmark) nor train.jsonl + test.jsonl (instruction JSONL)")
+        missing = "is not a folder" if folder.exists() else "does not exist"
+        where = folder if folder.is_dir() else f"{folder} {missing}: it"
+        raise DataError(f"task {name!r} of data.order: {where} holds neither train.json + test.json + labels.json "
+                        f"(CL_Benchmark) nor train.jsonl + test.jsonl (instruction JSONL); check data.root and the "
+                        f"task name")
     rng = random.Random(_seed(seed, name, "val"))
     order = list(range(len(task.train)))
     rng.shuffle(order)
     n_val = max(1, round(cfg.val_fraction * len(order)))
     if len(order) - n_val < 1:
-        raise DataError(f"{folder}: train split has {len(order)} row(s), too few to hold out a validation split")
+        train_file = folder / ("train.json" if task.kind == "classification" else "train.jsonl")
+        raise DataError(f"{train_file}: the train split has {len(order)} row(s), too few to hold out a validation "
+                        f"split; add rows")
     task.val = [task.train[i] for i in order[:n_val]]
     task.train = [task.train[i] for i in order[n_val:]]
     if cfg.max_train_examples:
@@ -100,34 +113,42 @@ def load_task(folder: Path, name: str, cfg: DataConfig, seed: int) -> Task:
 
 
 def _load_classification(folder: Path, name: str, cfg: DataConfig) -> Task:
-    labels = _read_json(folder / "labels.json")
-    if not (isinstance(labels, list) and labels and all(isinstance(x, str) and x for x in labels)):
-        raise DataError(f"{folder / 'labels.json'}: expected a non-empty JSON list of label strings")
-    if len(set(labels)) != len(labels):
-        raise DataError(f"{folder / 'labels.json'}: labels must be distinct")
+    labels_path = folder / "labels.json"
+    labels = _read_json(labels_path)
+    if not (isinstance(labels, list) and labels):
+        raise DataError(f"{labels_path}: expected a non-empty JSON list of label strings, e.g. [\"World\", \"Sports\"]")
+    for i, x in enumerate(labels):
+        if not isinstance(x, str) or not x.strip():
+            raise DataError(f"{labels_path}: entry {i} is {_show(x)}; every label must be a non-empty string")
+    dup = sorted({x for x in labels if labels.count(x) > 1})
+    if dup:
+        raise DataError(f"{labels_path}: {dup} listed more than once; labels must be distinct")
     if cfg.answer == "letter" and len(labels) > 26:
-        raise DataError(f"{folder / 'labels.json'}: {len(labels)} labels are more than 26 letters; set data.answer=label")
+        raise DataError(f"{labels_path}: {len(labels)} labels are more than 26 letters; set data.answer=label")
     index = {label: i for i, label in enumerate(labels)}
     splits = {}
     for split in ("train", "test"):
         path = folder / f"{split}.json"
         rows = _read_json(path)
         if not isinstance(rows, list):
-            raise DataError(f"{path}: expected a JSON list of {{\"sentence\", \"label\"}} objects")
+            raise DataError(f"{path}: expected a JSON list of {{\"sentence\", \"label\"}} objects, got {_show(rows)}")
         if not rows:
             raise DataError(f"{path}: the {split} split is empty")
         out = []
         for i, row in enumerate(rows):
             where = f"{path}: row {i}"
             if not isinstance(row, dict):
-                raise DataError(f"{where}: expected an object with 'sentence' and 'label'")
-            for key in ("sentence", "label"):
-                if not isinstance(row.get(key), str):
-                    raise DataError(f"{where}: field '{key}' is missing or not a string")
-            if row["label"] not in index:
-                raise DataError(f"{where}: field 'label' is {row['label']!r}, which is not in "
-                                f"{folder / 'labels.json'} {labels}")
-            out.append({"text": row["sentence"], "label": index[row["label"]], "ref": f"{split}.json row {i}"})
+                raise DataError(f"{where}: expected an object with 'sentence' and 'label', got {_show(row)}")
+            text = _text(row, "sentence", where)
+            if "label" not in row:
+                raise DataError(f"{where}: field 'label' is missing; give one of {labels_path} {labels}")
+            label = row["label"]
+            if not isinstance(label, str):
+                raise DataError(f"{where}: field 'label' is {_show(label)}, not a string; write the label itself, "
+                                f"one of {labels_path} {labels}")
+            if label not in index:
+                raise DataError(f"{where}: field 'label' is {label!r}, which is not in {labels_path} {labels}")
+            out.append({"text": text, "label": index[label], "ref": f"{split}.json row {i}"})
         splits[split] = out
     instruction = cfg.instructions.get(name) or INSTRUCTIONS.get(name, GENERIC_INSTRUCTION)
     return Task(name, "classification", instruction, labels, splits["train"], [], splits["test"], folder)
@@ -135,12 +156,10 @@ def _load_classification(folder: Path, name: str, cfg: DataConfig) -> Task:
 
 def read_jsonl(path: Path, error: type[Exception] | None = None):
     """(line number, parsed row) for every non-blank line; a malformed line raises `error` naming it."""
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    error = error or DataError
+    for lineno, line in enumerate(_read_text(path, error).split("\n"), start=1):
         if line.strip():
-            try:
-                yield lineno, json.loads(line)
-            except json.JSONDecodeError as e:
-                raise (error or DataError)(f"{path}: line {lineno}: not valid JSON ({e.msg})") from None
+            yield lineno, _parse_json(line, f"{path}: line {lineno}", error, position=False)
 
 
 def _load_generation(folder: Path, name: str) -> Task:
@@ -151,30 +170,82 @@ def _load_generation(folder: Path, name: str) -> Task:
             raise DataError(f"task {name!r}: {path} is missing (instruction tasks need train.jsonl and test.jsonl)")
         out = []
         for lineno, row in read_jsonl(path):
+            where = f"{path}: line {lineno}"
             if not isinstance(row, dict):
-                raise DataError(f"{path}: line {lineno}: expected an object with instruction, input, output")
-            for key in ("instruction", "output"):
-                if not isinstance(row.get(key), str) or not row[key].strip():
-                    raise DataError(f"{path}: line {lineno}: field '{key}' is missing or empty")
-            if not isinstance(row.get("input", ""), str):
-                raise DataError(f"{path}: line {lineno}: field 'input' must be a string")
-            out.append({"instruction": row["instruction"], "text": row.get("input", ""), "output": row["output"],
-                        "ref": f"{split}.jsonl line {lineno}"})
+                raise DataError(f"{where}: expected an object with instruction, input, output, got {_show(row)}")
+            out.append({"instruction": _text(row, "instruction", where),
+                        "text": _text(row, "input", where, optional=True),
+                        "output": _text(row, "output", where), "ref": f"{split}.jsonl line {lineno}"})
         if not out:
             raise DataError(f"{path}: the {split} split is empty")
         splits[split] = out
     return Task(name, "generation", "", None, splits["train"], [], splits["test"], folder)
 
 
+def _text(row: dict, key: str, where: str, optional: bool = False) -> str:
+    """Field `key` of a row: a string, not blank (an optional field may be absent or empty), of at most
+    MAX_TEXT_CHARS characters and valid Unicode."""
+    if key not in row:
+        if optional:
+            return ""
+        raise DataError(f"{where}: field '{key}' is missing")
+    value = row[key]
+    if not isinstance(value, str):
+        raise DataError(f"{where}: field '{key}' must be a string, got {_show(value)}")
+    if not optional and not value.strip():
+        raise DataError(f"{where}: field '{key}' is empty; give it text or remove the row")
+    if len(value) > MAX_TEXT_CHARS:
+        raise DataError(f"{where}: field '{key}' has {len(value):,} characters, over the limit of {MAX_TEXT_CHARS:,}; "
+                        f"shorten the text or remove the row")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise DataError(f"{where}: field '{key}' holds an unpaired surrogate {value[e.start]!r} at character "
+                        f"{e.start}, which is not valid Unicode; fix that \\u escape") from None
+    return value
+
+
+def _show(value) -> str:
+    """A JSON value for an error message: its JSON type and a short excerpt."""
+    kind = {bool: "a boolean", int: "a number", float: "a number", str: "a string", list: "a list",
+            dict: "an object", type(None): "null"}.get(type(value), type(value).__name__)
+    if value is None:
+        return kind
+    text = json.dumps(value, ensure_ascii=False)
+    return f"{kind} ({text if len(text) <= 40 else text[:37] + '...'})"
+
+
 def _read_json(path: Path):
     if not path.is_file():
-        raise DataError(f"{path}: file is missing (a CL_Benchmark task needs train.json, test.json, labels.json)")
+        what = "is not a file" if path.exists() else "file is missing"
+        raise DataError(f"{path}: {what} (a CL_Benchmark task needs train.json, test.json, labels.json)")
+    return _parse_json(_read_text(path, DataError), str(path), DataError)
+
+
+def _read_text(path: Path, error: type[Exception]) -> str:
+    """A UTF-8 file's text (without a leading byte-order mark); other bytes raise `error` naming the line."""
+    data = path.read_bytes()
+    bom = 3 if data.startswith(b"\xef\xbb\xbf") else 0
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}: line {e.lineno} column {e.colno}: not valid JSON ({e.msg})") from None
+        return data[bom:].decode("utf-8")
     except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text ({e})") from None
+        pos = bom + e.start
+        line, column = data.count(b"\n", 0, pos) + 1, pos - data.rfind(b"\n", 0, pos)
+        raise error(f"{path}: line {line} column {column}: byte 0x{data[pos]:02x} is not UTF-8; "
+                    f"save the file as UTF-8") from None
+
+
+def _parse_json(text: str, where: str, error: type[Exception], position: bool = True):
+    """json.loads, any failure raised as `error` naming `where` (and the line and column if `position`)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        at = f"line {e.lineno} column {e.colno}: " if position else ""
+        raise error(f"{where}: {at}not valid JSON ({e.msg})") from None
+    except RecursionError:
+        raise error(f"{where}: not valid JSON (lists or objects nested too deeply)") from None
+    except ValueError as e:  # e.g. an integer of more than 4300 digits
+        raise error(f"{where}: not valid JSON ({str(e).split(';')[0]})") from None
 
 
 def subsample(rows: list[dict], n: int, seed: int) -> list[dict]:
@@ -341,9 +412,11 @@ class PromptFormat:
                                          rows]).encode()).hexdigest()[:20]
         cache = Path(self.cfg.cache_dir).expanduser() / f"{task.name}-{split}-{key}.arrow"
         cache.parent.mkdir(parents=True, exist_ok=True)
-        ds = datasets.Dataset.from_list(rows).map(
-            lambda b: self.encode_batch(task, b), batched=True, batch_size=256, remove_columns=list(rows[0]),
-            cache_file_name=str(cache), load_from_cache_file=True, desc=f"tokenize {task.name}/{split}")
+        with atomic.full_disk_explained(cache, "nothing else was written",
+                                        todo="Free some space (or set data.cache_dir elsewhere) and run again"):
+            ds = datasets.Dataset.from_list(rows).map(
+                lambda b: self.encode_batch(task, b), batched=True, batch_size=256, remove_columns=list(rows[0]),
+                cache_file_name=str(cache), load_from_cache_file=True, desc=f"tokenize {task.name}/{split}")
         return Encoded(task, split, ds, self.options(task) if task.kind == "classification" else None, self.eos)
 
 

@@ -15,10 +15,9 @@ import contextlib
 import json
 import os
 import random
-import signal
 import socket
 import sys
-import threading
+from datetime import timedelta
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -28,17 +27,15 @@ from torch import nn
 from . import atomic
 from .checkpoint import CheckpointError
 from .config import Config, ConfigError
+from .stopping import EXIT_REQUEUE, StopSignals  # noqa: F401 (EXIT_REQUEUE: re-exported)
 
 # Keys of a DeepSpeed config that come from the experiment config (train.* and model.dtype).
 FILLED_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
                "gradient_clipping", "bf16", "fp16")
 
 
-EXIT_REQUEUE = 75  # EX_TEMPFAIL: stopped on request with a checkpoint written; run again to continue
-
-
 class Interrupted(Exception):
-    """Training stopped on SIGUSR1 (walltime near) after writing a mid-stage checkpoint."""
+    """Training stopped on request (SIGUSR1, or SIGTERM with checkpoints on) after writing a checkpoint."""
 
 
 class Strategy:
@@ -47,19 +44,25 @@ class Strategy:
     world_size = 1
     rank = 0
     device = torch.device("cpu")
-    _signalled = False
+    stops: StopSignals | None = None
 
-    def watch_stop_signal(self) -> None:
-        """SIGUSR1 (SLURM's warning before the walltime) asks training to checkpoint and stop."""
-        def handler(signum, frame):
-            self._signalled = True
-
-        if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGUSR1, handler)
+    def watch_stop_signals(self, checkpointing: bool) -> None:
+        """SIGUSR1 (walltime near) and SIGTERM ask training to checkpoint and stop (see trainer/stopping.py)."""
+        stops = StopSignals(checkpointing)
+        if stops.install():
+            self.stops = stops
 
     def stop_requested(self) -> bool:
-        """True on every rank once any rank got SIGUSR1 (a collective: call on every rank)."""
-        return self._signalled
+        """True on every rank once any rank was asked to stop (a collective: call on every rank)."""
+        return bool(self.stops and self.stops.requested)
+
+    def stop_reason(self) -> str:
+        return (self.stops.requested if self.stops else None) or "a stop request on another rank"
+
+    @contextlib.contextmanager
+    def main_first(self):
+        """The body runs on the main rank first, then on the others (e.g. to build a cache file once)."""
+        yield
 
     def is_main(self) -> bool:
         return self.rank == 0
@@ -218,7 +221,9 @@ class DeepSpeedStrategy(Strategy):
             comm_torch = sys.modules.get("deepspeed.comm.torch")
             if comm_torch is not None:
                 comm_torch.build_shm_op = lambda: None
-        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", auto_mpi_discovery=False)
+        # A collective waiting longer than this for a rank fails, and the job ends (no rank waits forever).
+        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", auto_mpi_discovery=False,
+                                   timeout=timedelta(seconds=cfg.distributed.timeout_seconds))
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
         if cuda:
@@ -295,7 +300,17 @@ class DeepSpeedStrategy(Strategy):
 
     def stop_requested(self):
         # Ranks receive the signal at different moments: agree on it so all stop at the same step.
-        return self.all_reduce({"stop": float(self._signalled)})["stop"] > 0
+        return self.all_reduce({"stop": float(super().stop_requested())})["stop"] > 0
+
+    @contextlib.contextmanager
+    def main_first(self):
+        if not self.is_main():
+            self.barrier()
+        try:
+            yield
+        finally:
+            if self.is_main():
+                self.barrier()
 
     def backward(self, loss):
         # engine.step() after every micro-batch: it counts micro-steps and only updates the
@@ -409,13 +424,14 @@ def launched() -> bool:
 
 
 def make_strategy(cfg: Config | None = None) -> Strategy:
-    """The strategy for this process (see `distributed.strategy`), watching for SIGUSR1."""
+    """The strategy for this process (see `distributed.strategy`), watching for stop signals."""
     if cfg is not None and (cfg.distributed.strategy == "deepspeed" or
                             (cfg.distributed.strategy == "auto" and launched())):
         strategy = DeepSpeedStrategy(cfg)
     else:
         strategy = LocalStrategy()
-    strategy.watch_stop_signal()
+    if cfg is not None:
+        strategy.watch_stop_signals(checkpointing=cfg.train.checkpoint_every > 0)
     return strategy
 
 

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import atomic, checkpoint
+from . import atomic, checkpoint, runlock
 from .base import base_fingerprint, load_base
 from .checkpoint import ADAPTERS, CHECKPOINT_INFO, MANIFEST, CheckpointError, RunDir, StageRecord
 from .config import Config, ConfigError, dump_yaml, to_dict
@@ -61,41 +61,67 @@ def run_sequence(cfg: Config, strategy: Strategy) -> dict:
     done = len(run.completed(cfg.data.order))
     if done:
         strategy.print(f"stages 1..{done} already complete in {run.root}; continuing from stage {done + 1}")
+    metrics = None
     for k in range(done + 1, len(cfg.data.order) + 1):
-        run_stage(cfg, k, strategy)  # each stage ends by reporting the matrix so far
-    if done == len(cfg.data.order):
-        return report(run.root, cfg.data.order, strategy)
-    return json.loads((run.root / "metrics.json").read_text())
+        if k > done + 1 and strategy.stop_requested():  # asked during the previous stage's evaluation or save
+            raise Interrupted(f"stopped on {strategy.stop_reason()} after stage {k - 1}; run again to continue")
+        metrics = run_stage(cfg, k, strategy)[1]  # each stage ends by reporting the matrix so far
+    return metrics if metrics is not None else report(run.root, cfg.data.order, strategy)
 
 
-def run_stage(cfg: Config, k: int, strategy: Strategy) -> StageRecord:
+def run_stage(cfg: Config, k: int, strategy: Strategy) -> tuple[StageRecord, dict | None]:
+    """Stage k: (its record, the run's metrics so far). A stage already complete on the current stage
+    k-1 is kept as it is (so a requeued or resubmitted job that finds it done exits at once)."""
     order = cfg.data.order
     if not 1 <= k <= len(order):
         raise ConfigError(f"--stage {k}: the order {order} has stages 1..{len(order)}")
     run = RunDir(cfg.run.dir)
-    if strategy.is_main():
-        atomic.write_text(run.root / "config.yaml", dump_yaml(cfg))
+    if len(run.completed(order)) >= k:
+        strategy.print(f"stage {k} ({order[k - 1]}) is already complete in {run.stage_dir(k, order[k - 1])}; "
+                       "nothing to do (delete that folder to train the stage again)")
+        return run.require_stage(k, order), None
     s = setup_stage(cfg, k, strategy)
     tr = prepare_training(s, strategy)
+    if strategy.is_main():
+        atomic.write_text(run.root / "config.yaml", dump_yaml(cfg))
     monitor = Monitor(run.root / "tb", strategy.is_main())
     t0 = time.time()
     # Stage 1's new expert is still a no-op here (B = 0): this is the untrained model.
-    baseline = s.previous.manifest["baseline"] if s.previous else evaluate_tasks(s, strategy, "untrained model")
+    try:
+        baseline = (s.previous.manifest["baseline"] if s.previous
+                    else evaluate_tasks(s, strategy, "untrained model"))
+    except StopRequested:
+        raise Interrupted(f"stage {k} ({s.task}) stopped on {strategy.stop_reason()} before training; "
+                          "nothing is lost; run the stage again") from None
     step0 = s.previous.manifest["global_step"] if s.previous else 0
     train_stats = train_stage(s, tr, strategy, monitor, step0)
-    test_acc = evaluate_tasks(s, strategy, f"after stage {k} ({s.task})")
-    val = None
-    if cfg.eval.val:
-        val = evaluate(s.model, s.fmt.encode(s.tasks[s.task], "val"), s.tokenizer, cfg.eval.batch_size,
-                       cfg.eval.max_new_tokens, strategy)["accuracy"]
-        strategy.print(f"validation accuracy on {s.task}: {val:.3f}")
+    try:  # a stop asked for now keeps the trained experts in a checkpoint at the last step
+        test_acc = evaluate_tasks(s, strategy, f"after stage {k} ({s.task})")
+        val = None
+        if cfg.eval.val:
+            val = evaluate(s.model, encode(s, strategy, s.task, "val"), s.tokenizer, cfg.eval.batch_size,
+                           cfg.eval.max_new_tokens, strategy)["accuracy"]
+            strategy.print(f"validation accuracy on {s.task}: {val:.3f}")
+    except StopRequested:
+        save_checkpoint(s, tr, strategy, tr.total)
+        raise Interrupted(f"stage {k} ({s.task}) stopped on {strategy.stop_reason()} while evaluating, after its "
+                          f"{tr.total} training steps; checkpoint in {tr.ckpt_dir}; run the stage again to "
+                          "evaluate and save it") from None
     strategy.print(f"saving stage {k} ({s.task})")
     record = save_stage(s, strategy, baseline, test_acc, val, train_stats, step0, time.time() - t0)
     for t, acc in test_acc.items():
         monitor.scalars(k, {f"eval/accuracy/{t}": acc})
-    report(run.root, order, strategy, monitor)
+    with atomic.full_disk_explained(run.root / "metrics.json", f"stage {k} is complete and intact",
+                                    todo=f"Free some space and run `python -m trainer report {run.root}`"):
+        metrics = report(run.root, order, strategy, monitor)
     monitor.close()
-    return record
+    return record, metrics
+
+
+def encode(s: "Setup", strategy: Strategy, task: str, split: str) -> Encoded:
+    """A task split tokenized; the cache file is built by the main rank, then read by the others."""
+    with strategy.main_first():
+        return s.fmt.encode(s.tasks[task], split)
 
 
 def setup_stage(cfg: Config, k: int, strategy: Strategy) -> Setup:
@@ -109,7 +135,8 @@ def setup_stage(cfg: Config, k: int, strategy: Strategy) -> Setup:
     model, tokenizer, folder, restored = load_model(cfg, previous, strategy)
     load_seconds = time.time() - t0
     fmt = PromptFormat(tokenizer, cfg.data)
-    tests = {t: fmt.encode(tasks[t], "test") for t in order}
+    with strategy.main_first():  # one rank writes each tokenization cache file; the others read it
+        tests = {t: fmt.encode(tasks[t], "test") for t in order}
     strategy.print(f"stage {k}/{len(order)}: {task} | base {folder} | {strategy.world_size} rank(s) | from "
                    f"{previous.folder if previous else 'the untrained model'}")
     return Setup(cfg, k, task, model, tokenizer, fmt, tasks, tests, previous, folder, restored, load_seconds)
@@ -141,8 +168,10 @@ def evaluate_stage(cfg: Config, k: int | None, split: str, strategy: Strategy) -
     fmt = PromptFormat(tokenizer, cfg.data)
     accuracy = {}
     for task in load_tasks(cfg.data, cfg.run.seed):
-        accuracy[task.name] = evaluate(model, fmt.encode(task, split), tokenizer, cfg.eval.batch_size,
-                                       cfg.eval.max_new_tokens, strategy)["accuracy"]
+        with strategy.main_first():
+            encoded = fmt.encode(task, split)
+        accuracy[task.name] = evaluate(model, encoded, tokenizer, cfg.eval.batch_size, cfg.eval.max_new_tokens,
+                                       strategy)["accuracy"]
         strategy.print(f"{task.name}: {accuracy[task.name]:.4f}")
     return {"stage": k, "split": split, "accuracy": accuracy}
 
@@ -157,6 +186,8 @@ class Training:
     total: int
     per_epoch: int
     global_batch: int
+    ckpt_dir: Path  # this stage's mid-stage checkpoints
+    settings: dict  # what a checkpoint must agree on to be resumed (see _resume_settings)
 
 
 def prepare_training(s: Setup, strategy: Strategy) -> Training:
@@ -170,7 +201,7 @@ def prepare_training(s: Setup, strategy: Strategy) -> Training:
     s.restored = {k: v for k, v in s.restored.items() if not named[k].requires_grad}
     if tc.activation_checkpointing:
         checkpoint_layers(s.model)
-    train_set = s.fmt.encode(s.tasks[s.task], "train")
+    train_set = encode(s, strategy, s.task, "train")
     global_batch = tc.micro_batch_size * tc.grad_accum * strategy.world_size
     per_epoch = steps_per_epoch(len(train_set.rows), global_batch)
     if per_epoch == 0:
@@ -186,7 +217,8 @@ def prepare_training(s: Setup, strategy: Strategy) -> Training:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total, tc))
     n_trainable = sum(p.numel() for p in params)  # before setup: ZeRO-3 then leaves empty local views
     engine = strategy.setup(s.model, optimizer, scheduler, cfg)
-    return Training(engine, n_trainable, train_set, total, per_epoch, global_batch)
+    return Training(engine, n_trainable, train_set, total, per_epoch, global_batch,
+                    RunDir(cfg.run.dir).checkpoint_dir(s.k, s.task), _resume_settings(s, strategy.world_size))
 
 
 def train_stage(s: Setup, tr: Training, strategy: Strategy, monitor: Monitor, step0: int) -> dict:
@@ -195,9 +227,7 @@ def train_stage(s: Setup, tr: Training, strategy: Strategy, monitor: Monitor, st
     engine, train_set, total = tr.engine, tr.train_set, tr.total
     s.model.train()
     seed_everything(cfg.run.seed * 1000 + s.k)  # the same dropout draws whether or not a baseline ran
-    ckpt_dir = RunDir(cfg.run.dir).checkpoint_dir(s.k, s.task)
-    fingerprint = _resume_fingerprint(s, strategy.world_size)
-    start = _resume(strategy, ckpt_dir, fingerprint, total) if tc.resume == "auto" else 0
+    start = _resume(strategy, tr.ckpt_dir, tr.settings, total) if tc.resume == "auto" else 0
     strategy.print(f"training {s.task}: {len(train_set.rows)} rows, {total} steps of {tr.global_batch} "
                    f"({tr.per_epoch} per epoch), {tr.n_trainable:,} trainable parameters"
                    + (f", resuming at step {start}" if start else ""))
@@ -235,24 +265,37 @@ def train_stage(s: Setup, tr: Training, strategy: Strategy, monitor: Monitor, st
             monitor.scalars(step0 + step + 1, {"train/lr": strategy.lr()})
             bar.set_postfix(loss=f"{means['task_loss']:.3f}", disc=f"{means.get('disc_loss', 0):.3f}")
             window, t_window = {}, now
-        if strategy.stop_requested():  # SIGUSR1: the walltime is near
-            save_checkpoint(s, strategy, ckpt_dir, step + 1, fingerprint)
-            raise Interrupted(f"stage {s.k} ({s.task}) stopped on SIGUSR1 after step {step + 1}/{total}; "
-                              f"checkpoint in {ckpt_dir}; run the stage again to continue")
-        if tc.checkpoint_every and (step + 1) % tc.checkpoint_every == 0 and step + 1 < total:
-            save_checkpoint(s, strategy, ckpt_dir, step + 1, fingerprint)
+        if strategy.stop_requested():  # SIGUSR1 (walltime near) or SIGTERM, on any rank
+            save_checkpoint(s, tr, strategy, step + 1)
+            raise Interrupted(f"stage {s.k} ({s.task}) stopped on {strategy.stop_reason()} after step {step + 1}/"
+                              f"{total}; checkpoint in {tr.ckpt_dir}; run the stage again to continue")
+        if tc.checkpoint_every and ((step + 1) % tc.checkpoint_every == 0 or step + 1 == total):
+            save_checkpoint(s, tr, strategy, step + 1)  # also after the last step: evaluation may be cut short
     return {"steps": total, "resumed_at": start, "seconds": time.time() - t_start, "rows": len(train_set.rows),
             "first_logged_task_loss": first_loss, "last_logged_task_loss": last_loss,
             "trainable_parameters": tr.n_trainable, "step_seconds": [round(t, 3) for t in step_seconds]}
 
 
-def save_checkpoint(s: Setup, strategy: Strategy, ckpt_dir: Path, step: int, fingerprint: str) -> None:
-    """A mid-stage checkpoint (trainable state, optimizer, scheduler, RNG, step); older ones are pruned.
+def save_checkpoint(s: Setup, tr: Training, strategy: Strategy, step: int) -> None:
+    """A mid-stage checkpoint (trainable state, optimizer, scheduler, RNG, step), made durable before
+    `latest` names it; only then is the previous one removed.
 
     Beside DeepSpeed's files, `moecl.json` maps module parameter names to adapter names, so the
     adapter tools can read the checkpoint (through zero_to_fp32) without building the model."""
-    tag = f"step-{step:07d}"
-    strategy.save_checkpoint(ckpt_dir, tag, {"step": step, "rng": rng_state(), "fingerprint": fingerprint})
+    runlock.check_held(strategy)
+    ckpt_dir, tag = tr.ckpt_dir, f"step-{step:07d}"
+    latest = ckpt_dir / "latest"
+    if latest.is_file() and latest.read_text().strip() == tag:
+        return  # resumed at this very step: nothing trained since
+    try:
+        strategy.save_checkpoint(ckpt_dir, tag, {"step": step, "rng": rng_state(), "settings": tr.settings})
+        atomic.fsync_tree(ckpt_dir / tag)  # on every rank: each makes its own files durable
+    except BaseException as e:
+        full = atomic.disk_full_error(e, ckpt_dir / tag, "the previous checkpoint and completed stages are intact")
+        shutil.rmtree(ckpt_dir / tag, ignore_errors=True)  # `latest` still names the previous checkpoint
+        if full is None:
+            raise
+        raise full from e
     strategy.barrier()  # every rank's files are written
     if strategy.is_main():
         atomic.write_json(ckpt_dir / tag / CHECKPOINT_INFO, {
@@ -260,42 +303,73 @@ def save_checkpoint(s: Setup, strategy: Strategy, ckpt_dir: Path, step: int, fin
             "learned": s.cfg.data.order[: s.k], "config": to_dict(s.cfg), "adapter_names": s.model.adapter_names(),
             "base_model": {"path": str(s.base_folder), "fingerprint": base_fingerprint(s.base_folder)},
             "previous": s.previous.manifest["files"][ADAPTERS] if s.previous else None})
-        atomic.write_text(ckpt_dir / "latest", tag)  # only now: a kill before this resumes the previous one
+        atomic.fsync_dir(ckpt_dir / tag)
+        atomic.write_text(latest, tag)  # only now: a kill before this resumes the previous one
         for old in ckpt_dir.glob("step-*"):
             if old.name != tag:
                 shutil.rmtree(old, ignore_errors=True)
 
 
-def _resume(strategy: Strategy, ckpt_dir: Path, fingerprint: str, total: int) -> int:
+def _resume(strategy: Strategy, ckpt_dir: Path, settings: dict, total: int) -> int:
     client = strategy.load_checkpoint(ckpt_dir)
     if client is None:
         return 0
-    if client.get("fingerprint") != fingerprint:
-        raise CheckpointError(f"{ckpt_dir}: the mid-stage checkpoint was written with other settings (config, "
-                              "previous stage or number of ranks); delete it or set train.resume=never")
+    saved = client.get("settings") or {}
+    if saved != settings:
+        raise CheckpointError(f"{ckpt_dir}: the mid-stage checkpoint was written with other training settings "
+                              f"({', '.join(_differences(saved, settings))} differ); use the same ones, or delete the folder (or set "
+                              "train.resume=never) to restart the stage")
     set_rng_state(client["rng"])
     release_freed_memory()  # the checkpoint's tensors were read into temporary buffers
     strategy.print(f"resuming from {ckpt_dir / ('step-%07d' % client['step'])}")
     return min(int(client["step"]), total)
 
 
-def _resume_fingerprint(s: Setup, world_size: int) -> str:
-    """What a mid-stage checkpoint must agree on to be resumed."""
+def _differences(a: dict, b: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested dicts."""
+    out = []
+    for k in sorted(set(a) | set(b)):
+        x, y = a.get(k), b.get(k)
+        if isinstance(x, dict) and isinstance(y, dict):
+            out += _differences(x, y, f"{prefix}{k}.")
+        elif x != y:
+            out.append(prefix + k)
+    return out
+
+
+def _resume_settings(s: Setup, world_size: int) -> dict:
+    """What a mid-stage checkpoint must agree on to be resumed: only what changes the training trajectory
+    (model, experts, the stage's training data and its tokenization, training settings, seed, ranks, the
+    previous stage). Not slurm.*, distributed.*, eval.*, run.dir or cache folders: a job resubmitted with a
+    longer walltime, or a run folder moved elsewhere, resumes."""
     c = to_dict(s.cfg)
-    for volatile in ("checkpoint_every", "resume", "log_every", "activation_checkpointing"):
-        c["train"].pop(volatile)
-    c.pop("eval")
-    previous = s.previous.manifest["files"][ADAPTERS] if s.previous else None
-    return hashlib.sha256(json.dumps([c, world_size, previous, s.k], sort_keys=True).encode()).hexdigest()
+    train = {k: v for k, v in c["train"].items()
+             if k not in ("checkpoint_every", "resume", "log_every", "activation_checkpointing")}
+    data = {k: v for k, v in c["data"].items() if k not in ("root", "cache_dir", "max_eval_examples")}
+    rows = hashlib.sha256(json.dumps(s.tasks[s.task].train, sort_keys=True).encode()).hexdigest()
+    what = {"model": {k: c["model"][k] for k in ("path", "dtype")}, "experts": c["experts"], "data": data,
+            "train": train, "seed": c["run"]["seed"], "rows": rows, "tokenizer": s.fmt.identity,
+            "world_size": world_size, "previous": s.previous.manifest["files"][ADAPTERS] if s.previous else None,
+            "stage": s.k}
+    return json.loads(json.dumps(what))  # as it reads back from a checkpoint (tuples become lists)
+
+
+class StopRequested(Exception):
+    """A stop signal arrived during evaluation (seen between two tasks' evaluations)."""
 
 
 def evaluate_tasks(s: Setup, strategy: Strategy, label: str) -> dict[str, float]:
-    """Test accuracy of every task of the order (tasks not learned yet use the shared expert alone)."""
+    """Test accuracy of every task of the order (tasks not learned yet use the shared expert alone).
+    Raises StopRequested, on every rank, if a stop signal arrives (checked before each task)."""
     strategy.print(f"evaluating {len(s.tests)} task(s), {label}")
     acc = {}
     for t, enc in s.tests.items():
+        if strategy.stop_requested():
+            raise StopRequested()
         acc[t] = evaluate(s.model, enc, s.tokenizer, s.cfg.eval.batch_size, s.cfg.eval.max_new_tokens,
                           strategy)["accuracy"]
+    if strategy.stop_requested():
+        raise StopRequested()
     strategy.print(f"test accuracy, {label}: " + "  ".join(f"{t} {a:.3f}" for t, a in acc.items()))
     return acc
 
@@ -312,8 +386,10 @@ def save_stage(s: Setup, strategy: Strategy, baseline: dict, test_acc: dict, val
     tensors.update(strategy.full_tensors(trainable))  # a collective: on every rank
     resources = footprint(s, strategy)  # a collective too
     folder = run.stage_dir(s.k, s.task)
+    runlock.check_held(strategy)
     if strategy.is_main():
-        with atomic.staged_dir(folder) as tmp:
+        with atomic.full_disk_explained(folder, "completed stages and the last checkpoint are intact"), \
+                atomic.staged_dir(folder) as tmp:
             # One metadata key: safetensors writes several in a per-process random (hash map) order.
             sha = checkpoint.save_adapters(tmp / ADAPTERS, tensors, {"format": "moe-cl"})
             resources["save_seconds"] = round(time.time() - t0, 3)
@@ -355,7 +431,8 @@ def footprint(s: Setup, strategy: Strategy) -> dict:
             "load_seconds": round(s.load_seconds, 3)}
 
 
-def report(run_root: Path, order: list[str] | None, strategy: Strategy, monitor: Monitor | None = None) -> dict | None:
+def report(run_root: Path, order: list[str] | None, strategy: Strategy, monitor: Monitor | None = None,
+           write: bool = True) -> dict | None:
     """Accuracy matrix, ACC/BWT/FWT of the complete stages: printed, and written as metrics.json + accuracy.png."""
     run = RunDir(run_root)
     if order is None:
@@ -369,13 +446,13 @@ def report(run_root: Path, order: list[str] | None, strategy: Strategy, monitor:
     summary = cl_metrics(accuracy, baseline)
     metrics = {"tasks": order, "accuracy": accuracy, "baseline": baseline, **summary,
                "stages_complete": len(stages)}
-    if strategy.is_main():
+    if strategy.is_main() and write:
         atomic.write_json(run.root / "metrics.json", metrics)
         fig = heatmap(order, accuracy, baseline, run.root / "accuracy.png")
         if monitor is not None:
             monitor.scalars(len(stages), {"cl/ACC": summary["ACC"], "cl/BWT": summary["BWT"], "cl/FWT": summary["FWT"]})
             monitor.figure("cl/accuracy_matrix", fig, len(stages))
-        strategy.print(format_table(order, accuracy, baseline, summary))
+    strategy.print(format_table(order, accuracy, baseline, summary))
     return metrics
 
 
