@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
             from .data import load_tasks
 
             load_tasks(cfg.data, cfg.run.seed)  # bad data is reported before anything is written
-        strategy = make_strategy(cfg)
+        strategy = make_strategy(cfg, training=args.verb != "evaluate")
         if args.verb == "evaluate":  # writes nothing: no run lock
             result = recipe.evaluate_stage(cfg, args.stage, args.split, strategy)
             if args.json:

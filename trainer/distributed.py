@@ -423,14 +423,15 @@ def launched() -> bool:
     return "WORLD_SIZE" in os.environ and "RANK" in os.environ
 
 
-def make_strategy(cfg: Config | None = None) -> Strategy:
-    """The strategy for this process (see `distributed.strategy`), watching for stop signals."""
+def make_strategy(cfg: Config | None = None, training: bool = False) -> Strategy:
+    """The strategy for this process (see `distributed.strategy`); when `training`, it watches for stop
+    signals (otherwise they keep their default effect: SIGTERM ends the process)."""
     if cfg is not None and (cfg.distributed.strategy == "deepspeed" or
                             (cfg.distributed.strategy == "auto" and launched())):
         strategy = DeepSpeedStrategy(cfg)
     else:
         strategy = LocalStrategy()
-    if cfg is not None:
+    if training:
         strategy.watch_stop_signals(checkpointing=cfg.train.checkpoint_every > 0)
     return strategy
 
