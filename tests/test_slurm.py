@@ -122,6 +122,7 @@ def test_two_stage_sequence_across_two_nodes(slurm_cluster, tmp_path, model_cach
     lock = json.loads((tmp_path / "run" / "run.lock").read_text())
     assert lock["jobs"] == jobs and lock["chain"]
     second = run_cli("submit", "configs/tiny.yaml", *o, check=False)
+    # (held by the chain while job 1 waits, then by job 1 itself: either way the chain is named)
     assert second.returncode == 2 and f"chain of SLURM jobs {jobs[0]} {jobs[1]}" in second.stderr, second.stderr
     local = run_cli("stage", "configs/tiny.yaml", *o, "--stage", "1", check=False)
     assert local.returncode == 2 and "in use by" in local.stderr

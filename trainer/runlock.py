@@ -183,6 +183,9 @@ class RunLock:
                     f"cancel it (scancel {' '.join(jobs)}), or use another run.dir")
         job = f", SLURM job {holder['slurm_job_id']}" if holder.get("slurm_job_id") else ""
         stop = f"scancel {holder['slurm_job_id']}" if holder.get("slurm_job_id") else f"kill {holder.get('pid')}"
+        if holder.get("chain") and holder.get("jobs"):  # a stage job of a chain submitted by `submit`
+            job += f" of the chain of SLURM jobs {' '.join(holder['jobs'])}"
+            stop = f"scancel {' '.join(holder['jobs'])}"
         return (f"{self.root} is in use by another run: `{holder.get('command')}` (pid {holder.get('pid')} on "
                 f"{holder.get('host')}{job}), holding it since {holder.get('since')}, last heartbeat {age:.0f} s ago. "
                 f"Wait for it to finish, stop it ({stop}), or use another run.dir. If you are certain it is gone, "
