@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -66,3 +68,16 @@ def test_atomic_file_write(tmp_path):
     atomic.write_json(tmp_path / "m.json", {"a": 2})
     assert (tmp_path / "m.json").read_text().strip().endswith("}")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.json"]
+
+
+def test_atomic_outputs_get_the_mode_the_umask_gives(tmp_path):
+    # mkstemp / mkdtemp create 0600 / 0700: without a fix, a team could not read each other's runs.
+    old = os.umask(0o027)
+    try:
+        atomic.write_text(tmp_path / "f.txt", "x")
+        with atomic.staged_dir(tmp_path / "d") as tmp:
+            (tmp / "a").write_text("y")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "f.txt").stat().st_mode & 0o777 == 0o640
+    assert (tmp_path / "d").stat().st_mode & 0o777 == 0o750

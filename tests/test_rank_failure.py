@@ -110,7 +110,7 @@ def test_a_hung_rank_fails_the_others_collective_after_the_process_group_timeout
         _kill_tree(proc.pid)
     # rank 0 gives up after 10 s; torchrun then stops the hung rank (SIGKILL after its 5 s grace)
     assert proc.returncode != 0 and ended < 120, ended  # bounded (without a timeout: forever)
-    assert "timed out" in err.lower() or "timeout" in err.lower(), err[-3000:]
+    assert "timed out" in err.lower(), err[-3000:]  # gloo: "Timed out waiting ...ms for recv operation"
 
 
 _MAIN_FIRST = textwrap.dedent("""

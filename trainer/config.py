@@ -200,7 +200,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     if path is not None:
         source = str(path)
         try:
-            text = _read_text(Path(path))
+            text = read_utf8(Path(path))
         except FileNotFoundError:
             raise ConfigError(f"{path}: config file not found") from None
         except OSError as e:  # a folder, no permission, ...
@@ -304,15 +304,18 @@ def from_dict(raw: dict, source: str = "<dict>") -> Config:
     return cfg
 
 
-def _read_text(path: Path) -> str:
-    """The file as UTF-8 text; other bytes are an error naming the line."""
+def read_utf8(path: Path, error: type[Exception] = None) -> str:
+    """A UTF-8 file's text (without a leading byte-order mark); other bytes raise `error` (ConfigError by
+    default) naming the line and column."""
     data = path.read_bytes()
+    bom = 3 if data.startswith(b"\xef\xbb\xbf") else 0
     try:
-        return data.decode("utf-8")
+        return data[bom:].decode("utf-8")
     except UnicodeDecodeError as e:
-        line, column = data.count(b"\n", 0, e.start) + 1, e.start - data.rfind(b"\n", 0, e.start)
-        raise ConfigError(f"{path}: line {line} column {column}: byte 0x{data[e.start]:02x} is not UTF-8; "
-                          f"save the file as UTF-8") from None
+        pos = bom + e.start
+        line, column = data.count(b"\n", 0, pos) + 1, pos - data.rfind(b"\n", 0, pos)
+        raise (error or ConfigError)(f"{path}: line {line} column {column}: byte 0x{data[pos]:02x} is not UTF-8; "
+                                     f"save the file as UTF-8") from None
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):

@@ -35,7 +35,7 @@ import datasets
 import torch
 
 from . import atomic
-from .config import DataConfig
+from .config import DataConfig, read_utf8
 from .model import IGNORE
 
 INSTRUCTIONS = {  # MTL5 tasks; others get GENERIC_INSTRUCTION unless data.instructions sets one
@@ -157,7 +157,7 @@ def _load_classification(folder: Path, name: str, cfg: DataConfig) -> Task:
 def read_jsonl(path: Path, error: type[Exception] | None = None):
     """(line number, parsed row) for every non-blank line; a malformed line raises `error` naming it."""
     error = error or DataError
-    for lineno, line in enumerate(_read_text(path, error).split("\n"), start=1):
+    for lineno, line in enumerate(read_utf8(path, error).split("\n"), start=1):
         if line.strip():
             yield lineno, _parse_json(line, f"{path}: line {lineno}", error, position=False)
 
@@ -219,20 +219,7 @@ def _read_json(path: Path):
     if not path.is_file():
         what = "is not a file" if path.exists() else "file is missing"
         raise DataError(f"{path}: {what} (a CL_Benchmark task needs train.json, test.json, labels.json)")
-    return _parse_json(_read_text(path, DataError), str(path), DataError)
-
-
-def _read_text(path: Path, error: type[Exception]) -> str:
-    """A UTF-8 file's text (without a leading byte-order mark); other bytes raise `error` naming the line."""
-    data = path.read_bytes()
-    bom = 3 if data.startswith(b"\xef\xbb\xbf") else 0
-    try:
-        return data[bom:].decode("utf-8")
-    except UnicodeDecodeError as e:
-        pos = bom + e.start
-        line, column = data.count(b"\n", 0, pos) + 1, pos - data.rfind(b"\n", 0, pos)
-        raise error(f"{path}: line {line} column {column}: byte 0x{data[pos]:02x} is not UTF-8; "
-                    f"save the file as UTF-8") from None
+    return _parse_json(read_utf8(path, DataError), str(path), DataError)
 
 
 def _parse_json(text: str, where: str, error: type[Exception], position: bool = True):

@@ -99,7 +99,7 @@ def run_stage(cfg: Config, k: int, strategy: Strategy) -> tuple[StageRecord, dic
         test_acc = evaluate_tasks(s, strategy, f"after stage {k} ({s.task})")
         val = None
         if cfg.eval.val:
-            val = evaluate(s.model, encode(s, strategy, s.task, "val"), s.tokenizer, cfg.eval.batch_size,
+            val = evaluate(s.model, encode(s.fmt, s.tasks[s.task], "val", strategy), s.tokenizer, cfg.eval.batch_size,
                            cfg.eval.max_new_tokens, strategy)["accuracy"]
             strategy.print(f"validation accuracy on {s.task}: {val:.3f}")
     except StopRequested:
@@ -118,10 +118,10 @@ def run_stage(cfg: Config, k: int, strategy: Strategy) -> tuple[StageRecord, dic
     return record, metrics
 
 
-def encode(s: "Setup", strategy: Strategy, task: str, split: str) -> Encoded:
+def encode(fmt: PromptFormat, task, split: str, strategy: Strategy) -> Encoded:
     """A task split tokenized; the cache file is built by the main rank, then read by the others."""
     with strategy.main_first():
-        return s.fmt.encode(s.tasks[task], split)
+        return fmt.encode(task, split)
 
 
 def setup_stage(cfg: Config, k: int, strategy: Strategy) -> Setup:
@@ -135,8 +135,7 @@ def setup_stage(cfg: Config, k: int, strategy: Strategy) -> Setup:
     model, tokenizer, folder, restored = load_model(cfg, previous, strategy)
     load_seconds = time.time() - t0
     fmt = PromptFormat(tokenizer, cfg.data)
-    with strategy.main_first():  # one rank writes each tokenization cache file; the others read it
-        tests = {t: fmt.encode(tasks[t], "test") for t in order}
+    tests = {t: encode(fmt, tasks[t], "test", strategy) for t in order}
     strategy.print(f"stage {k}/{len(order)}: {task} | base {folder} | {strategy.world_size} rank(s) | from "
                    f"{previous.folder if previous else 'the untrained model'}")
     return Setup(cfg, k, task, model, tokenizer, fmt, tasks, tests, previous, folder, restored, load_seconds)
@@ -168,10 +167,8 @@ def evaluate_stage(cfg: Config, k: int | None, split: str, strategy: Strategy) -
     fmt = PromptFormat(tokenizer, cfg.data)
     accuracy = {}
     for task in load_tasks(cfg.data, cfg.run.seed):
-        with strategy.main_first():
-            encoded = fmt.encode(task, split)
-        accuracy[task.name] = evaluate(model, encoded, tokenizer, cfg.eval.batch_size, cfg.eval.max_new_tokens,
-                                       strategy)["accuracy"]
+        accuracy[task.name] = evaluate(model, encode(fmt, task, split, strategy), tokenizer, cfg.eval.batch_size,
+                                       cfg.eval.max_new_tokens, strategy)["accuracy"]
         strategy.print(f"{task.name}: {accuracy[task.name]:.4f}")
     return {"stage": k, "split": split, "accuracy": accuracy}
 
@@ -201,7 +198,7 @@ def prepare_training(s: Setup, strategy: Strategy) -> Training:
     s.restored = {k: v for k, v in s.restored.items() if not named[k].requires_grad}
     if tc.activation_checkpointing:
         checkpoint_layers(s.model)
-    train_set = encode(s, strategy, s.task, "train")
+    train_set = encode(s.fmt, s.tasks[s.task], "train", strategy)
     global_batch = tc.micro_batch_size * tc.grad_accum * strategy.world_size
     per_epoch = steps_per_epoch(len(train_set.rows), global_batch)
     if per_epoch == 0:

@@ -205,7 +205,7 @@ class RunLock:
             os.unlink(tmp)
 
     def _write_own(self, content: dict) -> None:
-        os.replace(self._temp(content), self.path)
+        atomic.write_json(self.path, content)
 
     def _temp(self, content: dict) -> str:
         fd, tmp = tempfile.mkstemp(dir=self.root, prefix=f".{LOCK}.tmp-")
