@@ -15,6 +15,7 @@ import time
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from trainer.adapters import (SHARD_INDEX, build_model, export_bundle, extract_peft, merge, merge_into_base,
@@ -38,7 +39,7 @@ def _overrides(tmp_path, model_cache, run="run", **extra) -> list[str]:
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, model_cache):
     tmp = tmp_path_factory.mktemp("adapters")
-    run_cli("sequence", "configs/tiny.yaml", *_overrides(tmp, model_cache))
+    run_cli("sequence", "configs/tiny.yaml", *_overrides(tmp, model_cache, **{"eval.task_id": "inferred"}))
     return tmp / "run"
 
 
@@ -122,7 +123,91 @@ def test_export_and_predict_serve_exactly(run, tmp_path, model_cache):
     single = tmp_path / "single.jsonl"
     single.write_text(json.dumps({"sentence": "The food was cold and the waiter rude."}) + "\n")
     out = run_cli("predict", "--bundle", str(tmp_path / "one"), "--input", str(single))
-    assert json.loads(out.stdout.strip().splitlines()[-1])["task"] == "yelp"
+    assert json.loads(out.stdout.strip().splitlines()[-1])["routed_task"] == "yelp"  # the one task it knows
+
+
+def test_each_stage_keeps_the_earlier_tasks_router_statistics(run):
+    one = load_file(run / "stages" / "1-agnews" / "router.safetensors")
+    two = load_file(run / "stages" / "2-yelp" / "router.safetensors")
+    assert set(one) == {"pooled.scatter", "tasks.agnews.mean", "tasks.agnews.var", "tasks.agnews.scores"}
+    assert set(two) == set(one) | {"tasks.yelp.mean", "tasks.yelp.var", "tasks.yelp.scores"}
+    for k in one:
+        if k.startswith("tasks."):
+            assert torch.equal(one[k], two[k]), k  # bit for bit
+    assert not torch.equal(one["pooled.scatter"], two["pooled.scatter"])  # the shared covariance grew
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["routing_accuracy"][0][1] is None and all(v is not None for v in metrics["routing_accuracy"][1])
+    inferred = metrics["inferred"]
+    assert len(inferred["accuracy"]) == 2 and {"ACC", "BWT", "FWT"} <= set(inferred)
+    for i, row in enumerate(metrics["routing_accuracy"]):
+        for j, share in enumerate(row):
+            if share == 1.0:  # every row routed to its own task: served exactly as with its id
+                assert inferred["accuracy"][i][j] == metrics["accuracy"][i][j]
+    manifest = json.loads((run / "stages" / "2-yelp" / "stage.json").read_text())
+    assert set(manifest["eval"]["seconds"]) == {"given", "routing", "rerouted"} and manifest["router"]["layer"] == 2
+    # `evaluate` with inferred ids reproduces the stage's figures; TensorBoard has them too.
+    config = json.loads((run / "stages" / "2-yelp" / "stage.json").read_text())["config"]
+    (run.parent / "config.yaml").write_text(json.dumps(config))
+    out = run_cli("evaluate", str(run.parent / "config.yaml"), "--json", "eval.task_id=inferred")
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    for key in ("accuracy", "routing_accuracy", "inferred_accuracy"):
+        assert result[key] == manifest["eval"]["test_accuracy" if key == "accuracy" else key], key
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tags = set()
+    for e in (run / "tb").glob("events.out.tfevents.*"):
+        acc = EventAccumulator(str(e))
+        acc.Reload()
+        tags |= set(acc.Tags()["scalars"])
+    assert {"cl_inferred/ACC", "routing/accuracy/yelp", "eval/inferred_accuracy/agnews"} <= tags
+
+
+def test_predict_routes_requests_without_a_task_id(run, tmp_path, model_cache):
+    run_cli("export", str(run), "--out", str(tmp_path / "bundle"))
+    cfg = load_config(REPO / "configs" / "tiny.yaml", _overrides(tmp_path, model_cache))
+    tasks = load_tasks(cfg.data, cfg.run.seed)
+    given = [{"task": t.name, "sentence": r["text"]} for t in tasks for r in t.test]
+    lines = "".join(json.dumps({"sentence": g["sentence"]}) + "\n" for g in given)
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "trainer", "predict", "--bundle", str(tmp_path / "bundle"), "--input",
+                           "-", "--fallback", "routed"], cwd=REPO, env=env, input=lines, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    routed = [json.loads(x) for x in proc.stdout.splitlines() if x.startswith("{")]
+    (tmp_path / "given.jsonl").write_text("".join(json.dumps(g) + "\n" for g in given))
+    with_ids = predict(tmp_path / "bundle", tmp_path / "given.jsonl", None, LocalStrategy("cpu"))
+    assert len(routed) == len(given)
+    assert all(r["routed_task"] in ("agnews", "yelp") and 0.0 <= r["routed_confidence"] <= 1.0 for r in routed)
+    right = [(r, w) for r, w in zip(routed, with_ids) if r["routed_task"] == w["task"]]
+    assert len(right) >= len(routed) // 2
+    assert all(r["prediction"] == w["prediction"] for r, w in right)  # routed right: served as with the id
+    # The base fallback: a request far from every learned task, flagged and answered by the base.
+    (tmp_path / "far.jsonl").write_text(json.dumps({"instruction": "0 1 2 3 4 5 6 7 8 9 " * 12}) + "\n")
+    [far] = predict(tmp_path / "bundle", tmp_path / "far.jsonl", None, LocalStrategy("cpu"), max_new_tokens=4)
+    assert far["routed_confidence"] == 0.0 and far["routed_confidence_low"] and far["served_by"] == "base"
+    assert isinstance(far["prediction"], str)
+    [kept] = predict(tmp_path / "bundle", tmp_path / "far.jsonl", None, LocalStrategy("cpu"), max_new_tokens=4,
+                     fallback="routed")
+    assert "served_by" not in kept and kept["prediction"] in [*tasks[0].labels, *tasks[1].labels]
+
+
+def test_predict_errors_without_a_router_or_a_text(run, tmp_path):
+    run_cli("export", str(run), "--out", str(tmp_path / "bundle"))
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text(json.dumps({"sentence": "fine"}) + "\n" + json.dumps({"sentence": "   "}) + "\n")
+    out = run_cli("predict", "--bundle", str(tmp_path / "bundle"), "--input", str(empty), check=False)
+    assert out.returncode == 2 and f"{empty}: line 2: the request text is empty" in out.stderr
+    # A bundle without a router (e.g. exported from a mid-stage checkpoint) serves requests with a task only.
+    bundle = tmp_path / "bundle"
+    info = json.loads((bundle / "bundle.json").read_text())
+    del info["files"]["router.safetensors"]
+    (bundle / "bundle.json").write_text(json.dumps(info))
+    (bundle / "router.safetensors").unlink()
+    no_task = tmp_path / "no_task.jsonl"
+    no_task.write_text(json.dumps({"task": "yelp", "sentence": "Good."}) + "\n" + json.dumps({"sentence": "Good."}) + "\n")
+    out = run_cli("predict", "--bundle", str(bundle), "--input", str(no_task), check=False)
+    assert out.returncode == 2 and f"{no_task}: line 2: no 'task'" in out.stderr and "has no task router" in out.stderr
+    no_task.write_text(json.dumps({"task": "yelp", "sentence": "Good."}) + "\n")
+    assert json.loads(run_cli("predict", "--bundle", str(bundle), "--input", str(no_task)).stdout.splitlines()[-1])["task"] == "yelp"
 
 
 def test_inspect_run_and_bundle(run, tmp_path):

@@ -94,13 +94,16 @@ def test_frozen_base_is_really_sharded_across_two_ranks():
 
 
 def test_two_ranks_match_one_rank_with_twice_the_accumulation(tmp_path, model_cache):
-    """Same global batches: 2 ranks x accum 1 (ZeRO-3), 1 rank x accum 2 (ZeRO-3 and plain PyTorch)."""
-    torchrun(2, "stage", "configs/tiny.yaml", *_overrides(tmp_path, model_cache, "two", **{"train.grad_accum": 1}),
-             "--stage", "1")
+    """Same global batches: 2 ranks x accum 1 (ZeRO-3), 1 rank x accum 2 (ZeRO-3 and plain PyTorch).
+    The task router's statistics, reduced over the 2 ranks, equal those of one rank, and so do the
+    accuracies with inferred task ids (the next task's rows are all served under the learned one)."""
+    inferred = {"eval.task_id": "inferred"}
+    torchrun(2, "stage", "configs/tiny.yaml", *_overrides(tmp_path, model_cache, "two", **{"train.grad_accum": 1},
+                                                           **inferred), "--stage", "1")
     run_cli("stage", "configs/tiny.yaml", *_overrides(tmp_path, model_cache, "one", **{
-        "train.grad_accum": 2, "distributed.strategy": "deepspeed"}), "--stage", "1")
+        "train.grad_accum": 2, "distributed.strategy": "deepspeed"}, **inferred), "--stage", "1")
     run_cli("stage", "configs/tiny.yaml", *_overrides(tmp_path, model_cache, "local", **{
-        "train.grad_accum": 2, "distributed.strategy": "local"}), "--stage", "1")
+        "train.grad_accum": 2, "distributed.strategy": "local"}, **inferred), "--stage", "1")
     two, one, local = (_adapters(tmp_path, r) for r in ("two", "one", "local"))
     assert two.keys() == one.keys() == local.keys()
     for k in two:
@@ -113,6 +116,15 @@ def test_two_ranks_match_one_rank_with_twice_the_accumulation(tmp_path, model_ca
     assert m2["world_size"] == 2 and m1["world_size"] == 1
     assert m2["eval"]["test_accuracy"] == m1["eval"]["test_accuracy"] == ml["eval"]["test_accuracy"]
     assert m2["baseline"] == m1["baseline"] == ml["baseline"]
+    for key in ("routing_accuracy", "inferred_accuracy", "confusion"):
+        assert m2["eval"][key] == m1["eval"][key] == ml["eval"][key], key
+    assert set(m2["eval"]["inferred_accuracy"]) == {"agnews", "yelp"} and m2["eval"]["confusion"]["yelp"] == {"agnews": 12}
+    routers = [load_file(tmp_path / r / "stages" / "1-agnews" / "router.safetensors") for r in ("two", "one", "local")]
+    assert routers[0].keys() == routers[1].keys() == routers[2].keys()
+    assert routers[0]["tasks.agnews.mean"].shape == (64,) and m2["router"]["rows"] == {"agnews": 270}
+    for k in routers[0]:
+        for other in routers[1:]:
+            torch.testing.assert_close(routers[0][k], other[k], rtol=1e-6, atol=1e-9)
 
 
 def test_olora_penalty_under_zero3_matches_one_process(tmp_path, model_cache):

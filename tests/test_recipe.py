@@ -39,7 +39,8 @@ def test_two_stage_sequence_writes_stages_metrics_and_tensorboard(llama_run):
     assert "after 2 yelp" in proc.stdout and "ACC" in proc.stdout
     for k, task in ((1, "agnews"), (2, "yelp")):
         folder = run / "stages" / f"{k}-{task}"
-        assert sorted(p.name for p in folder.iterdir()) == ["adapters.safetensors", "config.yaml", "stage.json"]
+        assert sorted(p.name for p in folder.iterdir()) == ["adapters.safetensors", "config.yaml", "router.safetensors",
+                                                            "stage.json"]
         manifest = json.loads((folder / "stage.json").read_text())
         assert manifest["files"]["adapters.safetensors"] == sha256_file(folder / "adapters.safetensors")
         assert manifest["order"] == ["agnews", "yelp"] and manifest["learned"] == ["agnews", "yelp"][:k]

@@ -2,7 +2,7 @@
 
     python tools/benchmark_cl.py configs/bench_cpu.yaml [--methods moe_cl,olora,...] [--orders 1,2,3]
                                  [--seeds 0,1] [--out runs/bench] [--launcher "torchrun --nproc_per_node 8"]
-                                 [key=value ...]
+                                 [--task-id given|inferred] [key=value ...]
 
 For every order x method x seed it runs `python -m trainer sequence CONFIG` with `experts.method`,
 `data.order` and `run.seed` set (one run folder each, `OUT/order<o>/<method>/seed<s>`, log beside it);
@@ -15,6 +15,13 @@ The standard error says how far two ACCs may differ by the luck of a finite test
 final accuracy a on n test rows is a binomial proportion, so ACC (the mean over T tasks) has
 s.e. = sqrt(sum a (1 - a) / n) / T; means over seeds and orders combine their runs' errors.
 Orders are the MTL5 orders of O-LoRA / MoE-CL; `--orders config` uses the config's own data.order.
+
+`--task-id inferred` runs every method with `eval.task_id=inferred`: each test row is served as a
+deployment without task ids would serve it, the run's task router choosing the task (its prompt, and
+the experts of methods that pick experts by task). O-LoRA never needed the id for its experts, but its
+prompts name the task's options: with inferred ids every method stands on the same footing. The
+tables then report the inferred-id figures; `results.json` keeps the given-id ones and the routing
+accuracy beside them.
 """
 
 from __future__ import annotations
@@ -66,12 +73,19 @@ def run_one(cmd: list[str], run_dir: Path, log: Path) -> float:
     return time.time() - t0
 
 
-def complete(run_dir: Path, order: list[str]) -> dict | None:
+def complete(run_dir: Path, order: list[str], task_id: str = "given") -> dict | None:
+    """The metrics of a finished run (None: not finished); with inferred ids, those figures in their place."""
     path = run_dir / "metrics.json"
     if path.is_file():
         m = json.loads(path.read_text())
         if m["tasks"] == order and len(m["accuracy"]) == len(order):
-            return m
+            if task_id == "given":
+                return m
+            if "inferred" not in m:
+                raise SystemExit(f"error: {run_dir} was run with given task ids only; use another --out for "
+                                 f"--task-id inferred")
+            return {**m, **{k: m["inferred"][k] for k in ("ACC", "BWT", "FWT", "accuracy")},
+                    "given": {k: m[k] for k in ("ACC", "BWT", "FWT", "accuracy")}}
     return None
 
 
@@ -131,6 +145,17 @@ def markdown(table: dict, orders: dict[str, list[str]], header: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def routing_table(runs: dict) -> str:
+    """Per run: ACC with task ids given and inferred, and the routing accuracy after the last stage."""
+    lines = ["", "With task ids given vs inferred (last stage; routing = share of each task's test rows routed to it):",
+             "", "| run | ACC given | ACC inferred | difference | routing, worst task | routing, mean |", "|---|---|---|---|---|---|"]
+    for (method, o, seed), m in sorted(runs.items()):
+        last = [x for x in m["routing_accuracy"][-1] if x is not None]
+        lines.append(f"| {method}, order {o}, seed {seed} | {100 * m['given']['ACC']:.1f} | {100 * m['ACC']:.1f} | "
+                     f"{100 * (m['ACC'] - m['given']['ACC']):+.1f} | {100 * min(last):.1f} | {100 * sum(last) / len(last):.1f} |")
+    return "\n".join(lines) + "\n"
+
+
 def heatmaps(runs: dict, path: Path) -> None:
     import matplotlib
 
@@ -160,6 +185,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--seeds", default="0")
     ap.add_argument("--out", default="runs/bench")
     ap.add_argument("--launcher", default="", help='e.g. "torchrun --nproc_per_node 8" (default: one process)')
+    ap.add_argument("--task-id", choices=("given", "inferred"), default="given",
+                    help="evaluate with each row's task id given, or inferred by the run's task router")
     args = ap.parse_intermixed_args(argv)
     methods = args.methods.split(",")
     unknown = [m for m in methods if m not in METHODS]
@@ -186,35 +213,38 @@ def main(argv=None) -> dict:
     for i, (method, o, seed) in enumerate(todo, start=1):
         run_dir = out / f"order{o}" / method / f"seed{seed}"
         label = f"[{i}/{len(todo)}] {method}, order {o}, seed {seed}"
-        if (m := complete(run_dir, orders[o])) is None:
+        if (m := complete(run_dir, orders[o], args.task_id)) is None:
             print(f"{label}: running ({run_dir}) ...", flush=True)
             cmd = launcher + ["sequence", str(args.config), *args.overrides, f"run.dir={run_dir}",
-                              f"experts.method={method}", f"data.order=[{','.join(orders[o])}]", f"run.seed={seed}"]
+                              f"experts.method={method}", f"data.order=[{','.join(orders[o])}]", f"run.seed={seed}",
+                              f"eval.task_id={args.task_id}"]
             try:
                 seconds[f"{method}/order{o}/seed{seed}"] = run_one(cmd, run_dir, run_dir.parent / f"seed{seed}.log")
             except RuntimeError as e:
                 print(f"error: {e}", file=sys.stderr)
                 raise SystemExit(1) from None
-            m = complete(run_dir, orders[o])
+            m = complete(run_dir, orders[o], args.task_id)
         else:
             print(f"{label}: already complete", flush=True)
         m["ACC_se"] = acc_standard_error(m, test_rows(run_dir))
         runs[(method, o, seed)] = m
-        print(f"{label}: ACC {m['ACC']:.3f} (test s.e. {m['ACC_se']:.3f})  BWT {m['BWT']:+.3f}  FWT {m['FWT']:+.3f}",
-              flush=True)
+        print(f"{label}: ACC {m['ACC']:.3f} (test s.e. {m['ACC_se']:.3f})  BWT {m['BWT']:+.3f}  FWT {m['FWT']:+.3f}"
+              + (f"  (task ids inferred; given: ACC {m['given']['ACC']:.3f})" if "given" in m else ""), flush=True)
     table = summarize(runs, orders, methods)
     header = (f"Continual learning on MTL5, {Path(cfg.model.path).name if not cfg.model.path.startswith('builtin:') else cfg.model.path}, "
               f"{cfg.train.max_steps or cfg.train.epochs} {'steps' if cfg.train.max_steps else 'epochs'} of "
               f"{cfg.train.micro_batch_size * cfg.train.grad_accum} per task, "
               f"{cfg.data.max_train_examples or 'all'} train / {cfg.data.max_eval_examples or 'all'} test rows per task, "
-              f"seeds {','.join(map(str, seeds))} ({args.config})")
+              f"seeds {','.join(map(str, seeds))} ({args.config})"
+              + ("; task ids inferred by each run's router" if args.task_id == "inferred" else ""))
     result = {"config": str(args.config), "overrides": args.overrides, "orders": orders, "seeds": seeds,
-              "methods": table, "runs": {f"{m}/order{o}/seed{s}": {k: r[k] for k in ("ACC", "ACC_se", "BWT", "FWT",
-                                                                                  "accuracy", "baseline", "tasks")}
-                                         for (m, o, s), r in runs.items()},
+              "task_id": args.task_id, "methods": table,
+              "runs": {f"{m}/order{o}/seed{s}": {k: r[k] for k in ("ACC", "ACC_se", "BWT", "FWT", "accuracy", "baseline",
+                                                                   "tasks", "given", "routing_accuracy") if k in r}
+                       for (m, o, s), r in runs.items()},
               "seconds": seconds, "reference": [{"method": m, "base": b, "mean_ACC": a} for m, b, a in REFERENCE]}
     atomic.write_json(out / "results.json", result)
-    md = markdown(table, orders, header)
+    md = markdown(table, orders, header) + (routing_table(runs) if args.task_id == "inferred" else "")
     atomic.write_text(out / "results.md", md)
     heatmaps(runs, out / "heatmaps.png")
     print("\n" + md)

@@ -36,6 +36,7 @@ from .distributed import Strategy
 from .evaluate import evaluate, predict_batch
 from .model import MoECLModel, method_experts, routed_experts
 from .moe import ALL_TASKS_GATE, SHARED
+from .router import ROUTER, Router, gather_features, request_ids, request_text
 
 PROJS = ("gate_proj", "up_proj", "down_proj")
 BUNDLE = "bundle.json"
@@ -60,6 +61,10 @@ class Adapters:
     learned: list[str]
     info: dict  # the stage manifest, checkpoint info or bundle description
     files: dict[str, str] = field(default_factory=dict)  # file -> sha256
+
+    def router(self) -> Router | None:
+        """The task router saved with a stage or bundle (None: a mid-stage checkpoint, or written before routers)."""
+        return Router.load(self.source / ROUTER, self.files[ROUTER]) if ROUTER in self.files else None
 
     @property
     def experts(self) -> list[str]:
@@ -489,62 +494,151 @@ def export_bundle(ad: Adapters, out: Path, tasks: list[str] | None = None, base:
             "data": {"answer": d.answer, "max_length": d.max_length, "system_prompt": d.system_prompt},
             "base_model": {"path": str(folder), "fingerprint": base_fingerprint(folder)},
             "source": {"path": str(ad.source), "files": ad.files}}
+    router = ad.router()
     with atomic.staged_dir(out) as tmp:
         from .checkpoint import save_adapters
 
         info["files"] = {ADAPTERS: save_adapters(tmp / ADAPTERS, tensors, {"format": "moe-cl-bundle"})}
+        if router is not None:  # the exported tasks' statistics; requests without a task id are routed
+            info["files"][ROUTER] = router.subset(tasks).save(tmp / ROUTER)
+            info["router"] = {"fallback": ad.info.get("router", {}).get("fallback", ad.config.router.fallback)
+                              if ad.kind == "bundle" else ad.config.router.fallback}
         (tmp / BUNDLE).write_text(json.dumps(info, indent=2) + "\n")
     return info
 
 
-def read_requests(path: Path, ad: Adapters) -> list[dict]:
-    """JSONL requests: {"task"?, "sentence" | "text"} (classification) or {"task"?, "instruction", "input"}."""
+def read_requests(path: Path, ad: Adapters, routable: bool) -> list[dict]:
+    """JSONL requests ("-": standard input): {"task"?, "sentence" | "text"} (classification) or
+    {"task"?, "instruction", "input"?} (generation). Without "task", a request is routed (`routable`: the
+    bundle has a router); a bundle of one task without a router serves that task."""
     kinds = {t["name"]: t["kind"] for t in ad.info["tasks"]}
+    where = "standard input" if str(path) == "-" else str(path)
     out = []
     for lineno, row in read_jsonl(path, CheckpointError):
         if not isinstance(row, dict):
-            raise CheckpointError(f"{path}: line {lineno}: expected a JSON object")
-        task = row.get("task") or (next(iter(kinds)) if len(kinds) == 1 else None)
-        if task not in kinds:
-            raise CheckpointError(f"{path}: line {lineno}: 'task' must be one of {list(kinds)}, got {row.get('task')!r}")
+            raise CheckpointError(f"{where}: line {lineno}: expected a JSON object")
+        task = row.get("task")
+        if task is None and not routable:
+            if len(kinds) > 1:
+                raise CheckpointError(f"{where}: line {lineno}: no 'task', and the bundle {ad.source} has no task router "
+                                      f"(exported from a mid-stage checkpoint, or from a run made before routers): give "
+                                      f"each request its task, one of {list(kinds)}, or export the bundle from a complete stage")
+            task = next(iter(kinds))
+        if task is not None and task not in kinds:
+            raise CheckpointError(f"{where}: line {lineno}: 'task' must be one of {list(kinds)}, got {task!r}")
         text = row.get("sentence", row.get("text", row.get("input")))
-        if kinds[task] == "generation" and not isinstance(row.get("instruction"), str):
-            raise CheckpointError(f"{path}: line {lineno}: generation task {task!r} needs 'instruction'")
-        if not isinstance(text, str) and kinds[task] == "classification":
-            raise CheckpointError(f"{path}: line {lineno}: needs 'sentence' (or 'text')")
-        out.append({**row, "task": task, "_text": text or ""})
+        instruction = row.get("instruction")
+        for key, value in (("sentence/text/input", text), ("instruction", instruction)):
+            if value is not None and not isinstance(value, str):
+                raise CheckpointError(f"{where}: line {lineno}: '{key.split('/')[0]}' must be a string")
+        if task is not None and kinds[task] == "generation" and not instruction:
+            raise CheckpointError(f"{where}: line {lineno}: generation task {task!r} needs 'instruction'")
+        if task is not None and kinds[task] == "classification" and text is None:
+            raise CheckpointError(f"{where}: line {lineno}: needs 'sentence' (or 'text')")
+        if not request_text({"instruction": instruction or "", "text": text or ""}).strip():
+            raise CheckpointError(f"{where}: line {lineno}: the request text is empty; give 'sentence' (or 'text'), "
+                                  "or 'instruction'")
+        out.append({**row, "_text": text or "", "_instruction": instruction or "", "_task": task})
     return out
 
 
 def predict(bundle: Path, requests: Path, output: Path | None, strategy: Strategy, base: str | None = None,
-            batch_size: int = 16, max_new_tokens: int = 32) -> list[dict]:
-    """Serve a bundle on JSONL requests; returns (and writes, as JSONL) each request with its prediction."""
-    ad = open_adapters(bundle)
-    if ad.kind != "bundle":
-        raise CheckpointError(f"{bundle}: not a bundle (make one with `python -m trainer export`)")
-    rows = read_requests(requests, ad)
-    model, tok = build_model(ad, base_folder(ad, base), strategy)
-    fmt = PromptFormat(tok, ad.config.data)
-    results: list[dict | None] = [None] * len(rows)
-    for described in ad.info["tasks"]:
-        idx = [i for i, r in enumerate(rows) if r["task"] == described["name"]]
-        if not idx:
-            continue
-        task_rows = [{"text": rows[i]["_text"], "label": 0, "instruction": rows[i].get("instruction", ""),
-                      "output": "", "ref": f"line {i + 1}"} for i in idx]
-        task = Task(described["name"], described["kind"], described["instruction"], described["labels"],
-                    [], [], task_rows, requests)
-        enc = fmt.encode(task, "test")
-        for start in range(0, len(idx), batch_size):
-            preds = predict_batch(model, enc, [enc.rows[j] for j in range(start, min(len(idx), start + batch_size))],
-                                  tok, max_new_tokens, strategy.device)
-            for j, p in enumerate(preds, start=start):
-                row = {k: v for k, v in rows[idx[j]].items() if k != "_text"}
-                row["prediction"] = described["labels"][p] if described["kind"] == "classification" else p
-                results[idx[j]] = row
+            batch_size: int = 16, max_new_tokens: int = 32, fallback: str | None = None) -> list[dict]:
+    """Serve a bundle on JSONL requests; returns (and writes, as JSONL) each request with its prediction
+    (see `Server.serve`)."""
+    server = Server(bundle, strategy, base)
+    rows = read_requests(requests, server.ad, routable=server.router is not None)
+    results = server.serve(rows, Path("standard input" if str(requests) == "-" else requests), batch_size,
+                           max_new_tokens, fallback)
     if output is not None:
         atomic.write_text(output, "".join(json.dumps(r) + "\n" for r in results))
     return results
+
+
+class Server:
+    """A bundle loaded for serving: its model (on `strategy.device`), tokenizer and task router."""
+
+    def __init__(self, bundle: Path, strategy: Strategy, base: str | None = None):
+        self.ad = open_adapters(bundle)
+        if self.ad.kind != "bundle":
+            raise CheckpointError(f"{bundle}: not a bundle (make one with `python -m trainer export`)")
+        self.router = self.ad.router()
+        self.model, self.tok = build_model(self.ad, base_folder(self.ad, base), strategy)
+        self.fmt = PromptFormat(self.tok, self.ad.config.data)
+        self.strategy = strategy
+
+    def serve(self, rows: list[dict], source: Path, batch_size: int = 16, max_new_tokens: int = 32,
+              fallback: str | None = None) -> list[dict]:
+        """Each request (as `read_requests` returns it) with its "prediction".
+
+        A request without "task" is routed (trainer/router.py): it gets "routed_task" and "routed_confidence",
+        and, if its confidence is below the router's `min_confidence` ("routed_confidence_low": true) and
+        `fallback` (default: the bundle's router.fallback) is base, "served_by": "base": the untouched base
+        answers its text. `source` names the requests in error messages."""
+        ad, tok, device = self.ad, self.tok, self.strategy.device
+        serve = [r["_task"] for r in rows]  # the task serving each row; None: the base
+        unrouted = [i for i, r in enumerate(rows) if r["_task"] is None]
+        if unrouted:
+            ids = request_ids(tok, [request_text({"instruction": rows[i]["_instruction"], "text": rows[i]["_text"]})
+                                    for i in unrouted], ad.config.data.max_length)
+            feats = gather_features(self.model, ids, self.router.layer, self.strategy, batch_size, tok.pad_token_id)
+            routes = self.router.route(feats)
+            low = routes.flagged(self.router.min_confidence)
+            fallback = fallback or ad.info.get("router", {}).get("fallback", "base")
+            for i, t, c, flag in zip(unrouted, routes.tasks, routes.confidence.tolist(), low):
+                rows[i]["routed_task"], rows[i]["routed_confidence"] = t, round(c, 4)
+                if flag:
+                    rows[i]["routed_confidence_low"] = True
+                serve[i] = None if flag and fallback == "base" else t
+        described = {d["name"]: d for d in ad.info["tasks"]}
+        results: list[dict | None] = [None] * len(rows)
+        for name in [*described, None]:
+            idx = [i for i, t in enumerate(serve) if t == name]
+            if not idx:
+                continue
+            if name is None:
+                task = Task("base", "generation", "", None, [], [], [], source)
+            else:
+                d = described[name]
+                task = Task(name, d["kind"], d["instruction"], d["labels"], [], [], [], source)
+            enc = self.fmt.encode_rows(task, [_as_row(rows[i], "base" if name is None else task.kind, i) for i in idx])
+            for start in range(0, len(idx), batch_size):
+                batch = enc.rows[start:start + batch_size]
+                if name is None:
+                    preds = _base_answers(self.model, batch, tok, max_new_tokens, device)
+                else:
+                    preds = predict_batch(self.model, enc, batch, tok, max_new_tokens, device)
+                for j, p in enumerate(preds, start=start):
+                    row = {k: v for k, v in rows[idx[j]].items() if not k.startswith("_")}
+                    row["prediction"] = task.labels[p] if task.kind == "classification" else p
+                    if name is None:
+                        row["served_by"] = "base"
+                    results[idx[j]] = row
+        return results
+
+
+def _as_row(request: dict, kind: str, i: int) -> dict:
+    """A request as a row of a task of `kind` for PromptFormat (no answer)."""
+    if kind == "classification":
+        text = request_text({"instruction": request["_instruction"], "text": request["_text"]})
+        return {"text": text, "label": 0, "ref": f"line {i + 1}"}
+    if kind == "base":  # the base's fallback: the whole request is the (truncatable) text of a chat turn
+        return {"instruction": "", "text": request_text({"instruction": request["_instruction"], "text": request["_text"]}),
+                "output": "", "ref": f"line {i + 1}"}
+    # A generation prompt is the request's own instruction, if any; without one, its text is the whole ask.
+    return {"instruction": request["_instruction"], "text": request["_text"], "output": "", "ref": f"line {i + 1}"}
+
+
+def _base_answers(model: MoECLModel, rows: list[dict], tok, max_new_tokens: int, device: torch.device) -> list[str]:
+    """Greedy answers of the untouched base (no expert) to rows encoded as generation prompts."""
+    from .data import collate
+
+    batch = collate([{"input_ids": r["input_ids"][: r["prompt_len"]]} for r in rows], tok.pad_token_id, left=True,
+                    keys=("input_ids",))
+    batch = {k: v.to(device) for k, v in batch.items()}
+    new = model.generate(batch["input_ids"], batch["attention_mask"], None, max_new_tokens, tok.pad_token_id,
+                         tok.eos_token_id, base_only=True)
+    return [t.strip() for t in tok.batch_decode(new, skip_special_tokens=True)]
 
 
 # -- inspect ------------------------------------------------------------------------------------------

@@ -71,10 +71,15 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--base")
     sp = sub.add_parser("predict", help="serve a bundle on a JSONL file of requests")
     sp.add_argument("--bundle", required=True)
-    sp.add_argument("--input", required=True, help='JSONL: {"task", "sentence" | "text"} or {"task", "instruction", "input"}')
+    sp.add_argument("--input", required=True,
+                    help='JSONL file, or - for standard input: {"task"?, "sentence" | "text"} or {"task"?, "instruction", '
+                         '"input"?}; a request without "task" is routed to a learned task by the bundle\'s router')
     sp.add_argument("--output", help="JSONL with a 'prediction' per request (default: print)")
     sp.add_argument("--base")
     sp.add_argument("--batch-size", type=int, default=16)
+    sp.add_argument("--max-new-tokens", type=int, default=32, help="greedy budget of generated answers")
+    sp.add_argument("--fallback", choices=("base", "routed"),
+                    help="who serves a routed request of low confidence (default: the bundle's router.fallback)")
     sp = sub.add_parser("inspect", help="what a run, stage, checkpoint or bundle holds")
     sp.add_argument("source", help=src)
     sp.add_argument("--json", action="store_true")
@@ -155,7 +160,7 @@ def adapter_verb(args, strategy) -> int:
         return 0
     if args.verb == "predict":
         rows = adapters.predict(Path(args.bundle), Path(args.input), Path(args.output) if args.output else None,
-                                strategy, args.base, args.batch_size)
+                                strategy, args.base, args.batch_size, args.max_new_tokens, args.fallback)
         if not args.output:
             for r in rows:
                 print(json.dumps(r))

@@ -132,6 +132,31 @@ class EvalConfig:
     """Greedy decoding budget for generative (JSONL) tasks."""
     val: bool = True
     """Evaluate the stage's task on its validation split after training (logged, never used to select)."""
+    task_id: Literal["given", "inferred"] = "given"
+    """given: every test row is evaluated with its own task's prompt and experts. inferred: also as a
+    deployment without task ids would serve it, the router choosing the task from the row's text (its
+    prompt and experts); metrics.json then adds `routing_accuracy` and `inferred` beside the given-id figures."""
+
+
+@dataclass
+class RouterConfig:
+    """The task router (trainer/router.py): per-task statistics of the frozen base's features of a
+    request's own text, learned stage by stage from each task's training rows; no raw data is kept."""
+
+    layer: int = 4
+    """Decoder layers of the frozen base run for a request's routing features (0: its token embeddings
+    alone). Larger than the base's depth: all of them. Chosen on MTL5's validation split (README)."""
+    max_rows: int = 1000
+    """Training rows per task the statistics are computed from (a seeded subset; the router does not
+    depend on data.max_train_examples, which caps the rows trained on)."""
+    shrinkage: float = 0.1
+    """The shared covariance is shrunk this far towards its mean variance (times the identity)."""
+    min_confidence: float = 0.001
+    """A request is flagged (`routed_confidence` below this) when it lies farther from its routed task
+    than that share of the task's training rows; with the default, farther than every one of them."""
+    fallback: Literal["base", "routed"] = "base"
+    """What `predict` does with a flagged request: base = the untouched base model answers its text
+    (greedy, as a chat turn), routed = the routed task's experts and prompt serve it anyway."""
 
 
 @dataclass
@@ -185,6 +210,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    router: RouterConfig = field(default_factory=RouterConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
 
@@ -269,6 +295,14 @@ def validate(cfg: Config) -> list[str]:
                  "data.max_eval_examples": cfg.data.max_eval_examples}.items():
         if v is not None and v <= 0:
             errs.append(f"{k}: must be > 0 or null, got {v}")
+    if cfg.router.layer < 0:
+        errs.append(f"router.layer: must be >= 0 (0 = token embeddings only), got {cfg.router.layer}")
+    if cfg.router.max_rows < 2:
+        errs.append(f"router.max_rows: must be >= 2 (a mean and a spread per task), got {cfg.router.max_rows}")
+    if not 0 < cfg.router.shrinkage <= 1:
+        errs.append(f"router.shrinkage: must be in (0, 1], got {cfg.router.shrinkage}")
+    if not 0 <= cfg.router.min_confidence < 1:
+        errs.append(f"router.min_confidence: must be in [0, 1), got {cfg.router.min_confidence}")
     if cfg.train.shared_expert_lr_scale < 0:
         errs.append("train.shared_expert_lr_scale: must be >= 0 (0 freezes the shared expert's updates)")
     for k, v in {"experts.dropout": cfg.experts.dropout, "train.warmup_ratio": cfg.train.warmup_ratio,
@@ -304,10 +338,15 @@ def from_dict(raw: dict, source: str = "<dict>") -> Config:
     return cfg
 
 
-def read_utf8(path: Path, error: type[Exception] = None) -> str:
+def read_utf8(path: Path | str, error: type[Exception] = None) -> str:
     """A UTF-8 file's text (without a leading byte-order mark); other bytes raise `error` (ConfigError by
-    default) naming the line and column."""
-    data = path.read_bytes()
+    default) naming the line and column. "-" reads standard input."""
+    if str(path) == "-":
+        import sys
+
+        data, path = sys.stdin.buffer.read(), "standard input"
+    else:
+        data = path.read_bytes()
     bom = 3 if data.startswith(b"\xef\xbb\xbf") else 0
     try:
         return data[bom:].decode("utf-8")

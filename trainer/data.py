@@ -68,6 +68,12 @@ class Task:
     val: list[dict] = field(repr=False)
     test: list[dict] = field(repr=False)
     source: Path = Path()
+    train_all: list[dict] = field(default_factory=list, repr=False)  # train before data.max_train_examples
+
+    def router_rows(self, n: int, seed: int) -> list[dict]:
+        """The training rows the task router's statistics are computed from: a seeded subset of `n` rows of
+        the whole train split (not only those trained on)."""
+        return subsample(self.train_all or self.train, n, _seed(seed, self.name, "router"))
 
 
 # -- loading and validation ---------------------------------------------------------------------
@@ -104,6 +110,7 @@ def load_task(folder: Path, name: str, cfg: DataConfig, seed: int) -> Task:
                         f"split; add rows")
     task.val = [task.train[i] for i in order[:n_val]]
     task.train = [task.train[i] for i in order[n_val:]]
+    task.train_all = task.train
     if cfg.max_train_examples:
         task.train = subsample(task.train, cfg.max_train_examples, _seed(seed, name, "train"))
     if cfg.max_eval_examples:  # same rows after every stage: seeded by the task alone
@@ -155,11 +162,14 @@ def _load_classification(folder: Path, name: str, cfg: DataConfig) -> Task:
 
 
 def read_jsonl(path: Path, error: type[Exception] | None = None):
-    """(line number, parsed row) for every non-blank line; a malformed line raises `error` naming it."""
+    """(line number, parsed row) for every non-blank line of a file ("-": standard input); a malformed
+    line raises `error` naming it."""
     error = error or DataError
-    for lineno, line in enumerate(read_utf8(path, error).split("\n"), start=1):
+    text = read_utf8(path, error)
+    where = "standard input" if str(path) == "-" else path
+    for lineno, line in enumerate(text.split("\n"), start=1):
         if line.strip():
-            yield lineno, _parse_json(line, f"{path}: line {lineno}", error, position=False)
+            yield lineno, _parse_json(line, f"{where}: line {lineno}", error, position=False)
 
 
 def _load_generation(folder: Path, name: str) -> Task:
@@ -266,7 +276,7 @@ class Encoded:
 
     task: Task
     split: str
-    rows: datasets.Dataset
+    rows: datasets.Dataset | list[dict]
     options: list[list[int]] | None  # per class, the answer ids scored at evaluation (= the training rows' answers)
     eos: int  # ends every answer
 
@@ -304,7 +314,9 @@ class PromptFormat:
 
     def content(self, task: Task, row: dict) -> str:
         """The user turn with SENTINEL where the row's text goes."""
-        if task.kind == "generation":
+        if task.kind == "generation":  # (an empty instruction only in a request: the text is the whole ask)
+            if not row["instruction"]:
+                return SENTINEL
             return row["instruction"] + ("\n\n" + SENTINEL if row["text"] else SENTINEL)
         if self.cfg.answer == "letter":
             options = "\n".join(f"{letter}. {label}" for letter, label in zip(string.ascii_uppercase, task.labels))
@@ -391,6 +403,13 @@ class PromptFormat:
             out["prompt_len"].append(prompt_len)
             out["label"].append(row.get("label", -1))
         return out
+
+    def encode_rows(self, task: Task, rows: list[dict]) -> Encoded:
+        """Rows tokenized in memory, without a cache file: requests, or test rows served under another
+        task's prompt. Each row as `encode_batch` takes it (classification rows need a valid label)."""
+        encoded = self.encode_batch(task, {k: [r[k] for r in rows] for k in rows[0]}) if rows else {}
+        out = [{k: v[i] for k, v in encoded.items()} for i in range(len(rows))]
+        return Encoded(task, "requests", out, self.options(task) if task.kind == "classification" else None, self.eos)
 
     def encode(self, task: Task, split: str) -> Encoded:
         rows = getattr(task, split)

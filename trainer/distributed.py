@@ -82,6 +82,10 @@ class Strategy:
         """Sum (or mean) every value over ranks."""
         return dict(metrics)
 
+    def all_sum(self, t: torch.Tensor) -> torch.Tensor:
+        """The elementwise sum of a CPU tensor over ranks (a collective: call on every rank)."""
+        return t
+
     def per_rank(self, value: float) -> list[float]:
         """`value` of every rank, in rank order (a collective: call on every rank)."""
         mine = {f"{r:06d}": (float(value) if r == self.rank else 0.0) for r in range(self.world_size)}
@@ -259,6 +263,13 @@ class DeepSpeedStrategy(Strategy):
         if op == "mean":
             t /= self.world_size
         return dict(zip(keys, t.tolist()))
+
+    def all_sum(self, t):
+        import torch.distributed as dist
+
+        out = t.to(self.device).clone()
+        dist.all_reduce(out)
+        return out.cpu()
 
     def load_base_model(self, folder, hf_config, dtype, trust_remote_code=False):
         if self.zero_stage != 3:

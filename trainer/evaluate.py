@@ -17,26 +17,31 @@ from .model import IGNORE, MoECLModel
 
 @torch.no_grad()
 def evaluate(model: MoECLModel, enc: Encoded, tokenizer, batch_size: int, max_new_tokens: int,
-             strategy: Strategy) -> dict:
+             strategy: Strategy, per_row: bool = False) -> dict:
     """{"accuracy", "correct", "total"} of `model` on one encoded split, over all ranks, and this
-    rank's "predictions" (class index or text per row, in row order)."""
+    rank's "predictions" (class index or text per row, in row order); with `per_row`, also
+    "correct_rows": whether each row of the split was answered right (the same list on every rank)."""
     was_training = model.training
     model.eval()
     indices, valid = strategy.shard(len(enc.rows))
-    correct, predictions = 0, []
+    correct, predictions, right = 0, [], torch.zeros(len(enc.rows), dtype=torch.float64)
     for start in range(0, len(indices), batch_size):
         rows = [enc.rows[i] for i in indices[start:start + batch_size]]
         preds = predict_batch(model, enc, rows, tokenizer, max_new_tokens, strategy.device,
                               synced=strategy.world_size > 1)
-        for row, pred, keep in zip(rows, preds, valid[start:start + batch_size]):
+        for i, row, pred, keep in zip(indices[start:], rows, preds, valid[start:start + batch_size]):
             if keep:
                 target = row["label"] if enc.task.kind == "classification" else row["target"].strip()
                 correct += int(pred == target)
+                right[i] = float(pred == target)
                 predictions.append(pred)
     totals = strategy.all_reduce({"correct": correct, "total": int(sum(valid))})
     model.train(was_training)
-    return {"accuracy": totals["correct"] / max(totals["total"], 1), "correct": int(totals["correct"]),
-            "total": int(totals["total"]), "predictions": predictions}
+    out = {"accuracy": totals["correct"] / max(totals["total"], 1), "correct": int(totals["correct"]),
+           "total": int(totals["total"]), "predictions": predictions}
+    if per_row:
+        out["correct_rows"] = (strategy.all_sum(right) > 0).tolist()
+    return out
 
 
 def predict_batch(model: MoECLModel, enc: Encoded, rows: list[dict], tokenizer, max_new_tokens: int,

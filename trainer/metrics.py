@@ -29,17 +29,22 @@ def _mean(xs: list[float]) -> float | None:
     return sum(xs) / len(xs) if xs else None
 
 
-def format_table(tasks: list[str], accuracy: list[list[float]], baseline: list[float], summary: dict) -> str:
-    """The matrix as text: one row for the untrained model, one per stage; then ACC / BWT / FWT."""
+def format_table(tasks: list[str], accuracy: list[list[float | None]], baseline: list[float] | None,
+                 summary: dict | None) -> str:
+    """The matrix as text: one row for the untrained model (if given), one per stage; then ACC / BWT /
+    FWT (if given). An entry not measured (None) shows as "-"."""
     width = max(12, *(len(t) + 2 for t in tasks))
     label_w = max(16, *(len(f"after {i + 1} {t}") + 2 for i, t in enumerate(tasks)))
+    cell = lambda x: ("-" if x is None else f"{x:.3f}").rjust(width)  # noqa: E731
     lines = ["".ljust(label_w) + "".join(t.rjust(width) for t in tasks)]
-    lines.append("untrained".ljust(label_w) + "".join(f"{x:.3f}".rjust(width) for x in baseline))
+    if baseline is not None:
+        lines.append("untrained".ljust(label_w) + "".join(cell(x) for x in baseline))
     for i, row in enumerate(accuracy):
-        lines.append(f"after {i + 1} {tasks[i]}".ljust(label_w) + "".join(f"{x:.3f}".rjust(width) for x in row))
-    fmt = lambda v: "n/a" if v is None else f"{v:+.3f}"  # noqa: E731
-    lines.append(f"ACC {summary['ACC']:.3f}   BWT {fmt(summary['BWT'])}   FWT {fmt(summary['FWT'])}"
-                 f"   ({len(accuracy)}/{len(tasks)} stages)")
+        lines.append(f"after {i + 1} {tasks[i]}".ljust(label_w) + "".join(cell(x) for x in row))
+    if summary is not None:
+        fmt = lambda v: "n/a" if v is None else f"{v:+.3f}"  # noqa: E731
+        lines.append(f"ACC {summary['ACC']:.3f}   BWT {fmt(summary['BWT'])}   FWT {fmt(summary['FWT'])}"
+                     f"   ({len(accuracy)}/{len(tasks)} stages)")
     return "\n".join(lines)
 
 
@@ -63,11 +68,13 @@ def draw_matrix(ax, tasks: list[str], accuracy: list[list[float]], baseline: lis
     """The untrained row and R[i][j] on `ax`, each cell labelled; returns the image (for a colorbar)."""
     rows = [baseline] + accuracy
     labels = ["untrained"] + [f"after {i + 1}: {t}" for i, t in enumerate(tasks[: len(accuracy)])]
-    im = ax.imshow(rows, vmin=0, vmax=1, cmap="viridis")
+    im = ax.imshow([[float("nan") if v is None else v for v in row] for row in rows], vmin=0, vmax=1, cmap="viridis")
     ax.set_xticks(range(len(tasks)), tasks, rotation=30, ha="right")
     ax.set_yticks(range(len(rows)), labels)
     for i, row in enumerate(rows):
         for j, v in enumerate(row):
+            if v is None:
+                continue
             ax.text(j, i, f"{v:.2f}", ha="center", va="center", color="w" if v < 0.6 else "k", fontsize=9)
     ax.set_title(title)
     return im

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ExpertsConfig
-from .moe import SHARED, Discriminator, MoECLMLP, Routing, reverse_gradient
+from .moe import SHARED, Discriminator, MoECLMLP, Routing, masked_mean, reverse_gradient
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 IGNORE = -100
@@ -201,6 +201,25 @@ class MoECLModel(nn.Module):
         out = self.base.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         return out.last_hidden_state
 
+    @torch.no_grad()
+    def base_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, layers: int) -> torch.Tensor:
+        """The task router's features (see router.py): the frozen base alone, no expert, through its first
+        `layers` decoder layers and its final norm, averaged over every real token but the first (where
+        Llama-family models park outsized activations). input_ids, attention_mask: (batch, seq) ->
+        (batch, hidden) float32. The later layers do not run."""
+        self._route(None, attention_mask, collect=False)
+        self.routing.summed = ()  # the base MLP alone
+        decoder = self.base.get_decoder()
+        every = decoder.layers
+        decoder.layers = every[:layers]  # the decoder runs `self.layers[:num_hidden_layers]`
+        try:
+            hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        finally:
+            decoder.layers = every
+        mask = attention_mask.clone()
+        mask[:, 0] = 0
+        return masked_mean(hidden.float(), mask)
+
     def answer_loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Mean next-token cross-entropy over the labelled (answer) tokens only.
 
@@ -243,9 +262,13 @@ class MoECLModel(nn.Module):
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, task: str | None,
-                 max_new_tokens: int, pad_token_id: int, eos_token_id: int, synced: bool = False) -> torch.Tensor:
-        """Greedy continuation of left-padded prompts; returns only the new tokens (batch, <= max_new)."""
+                 max_new_tokens: int, pad_token_id: int, eos_token_id: int, synced: bool = False,
+                 base_only: bool = False) -> torch.Tensor:
+        """Greedy continuation of left-padded prompts; returns only the new tokens (batch, <= max_new).
+        `base_only`: the frozen base alone, no expert."""
         self._route(task, attention_mask, collect=False)
+        if base_only:
+            self.routing.summed = ()
         out = self.base.generate(input_ids=input_ids, attention_mask=attention_mask, do_sample=False,
                                  max_new_tokens=max_new_tokens, pad_token_id=pad_token_id,
                                  eos_token_id=eos_token_id, synced_gpus=synced)

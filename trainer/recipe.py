@@ -17,7 +17,7 @@ import platform
 import random
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -29,12 +29,13 @@ from . import atomic, checkpoint, runlock
 from .base import base_fingerprint, load_base
 from .checkpoint import ADAPTERS, CHECKPOINT_INFO, MANIFEST, CheckpointError, RunDir, StageRecord
 from .config import Config, ConfigError, dump_yaml, to_dict
-from .data import DataError, Encoded, PromptFormat, collate, load_tasks, step_batches, steps_per_epoch
+from .data import DataError, Encoded, PromptFormat, Task, collate, load_tasks, step_batches, steps_per_epoch
 from .distributed import Interrupted, Strategy, rng_state, set_rng_state
 from .evaluate import evaluate
 from .metrics import cl_metrics, format_table, heatmap
 from .model import MoECLModel, checkpoint_layers
 from .monitor import Monitor
+from .router import ROUTER, Router, gather_features, request_ids, request_text
 
 
 @dataclass
@@ -53,6 +54,8 @@ class Setup:
     base_folder: Path
     restored: dict  # adapter tensors loaded from the previous stage (frozen ones are saved back as-is)
     load_seconds: float = 0.0  # building the base (partitioned under ZeRO-3) and restoring the experts
+    router: Router | None = None  # the previous stage's task router
+    route_features: dict = field(default_factory=dict)  # task -> router features of its test rows (cached)
 
 
 def run_sequence(cfg: Config, strategy: Strategy) -> dict:
@@ -89,14 +92,19 @@ def run_stage(cfg: Config, k: int, strategy: Strategy) -> tuple[StageRecord, dic
     # Stage 1's new expert is still a no-op here (B = 0): this is the untrained model.
     try:
         baseline = (s.previous.manifest["baseline"] if s.previous
-                    else evaluate_tasks(s, strategy, "untrained model"))
+                    else evaluate_tasks(s, strategy, "untrained model")[0])
     except StopRequested:
         raise Interrupted(f"stage {k} ({s.task}) stopped on {strategy.stop_reason()} before training; "
                           "nothing is lost; run the stage again") from None
     step0 = s.previous.manifest["global_step"] if s.previous else 0
     train_stats = train_stage(s, tr, strategy, monitor, step0)
     try:  # a stop asked for now keeps the trained experts in a checkpoint at the last step
-        test_acc = evaluate_tasks(s, strategy, f"after stage {k} ({s.task})")
+        router, router_seconds = fit_router(s, strategy)
+        inferred = cfg.eval.task_id == "inferred"
+        t_eval = time.time()
+        test_acc, correct_rows = evaluate_tasks(s, strategy, f"after stage {k} ({s.task})", per_row=inferred)
+        routed = (evaluate_inferred(s, strategy, router, correct_rows, time.time() - t_eval)
+                  if inferred else None)
         val = None
         if cfg.eval.val:
             val = evaluate(s.model, encode(s.fmt, s.tasks[s.task], "val", strategy), s.tokenizer, cfg.eval.batch_size,
@@ -108,9 +116,13 @@ def run_stage(cfg: Config, k: int, strategy: Strategy) -> tuple[StageRecord, dic
                           f"{tr.total} training steps; checkpoint in {tr.ckpt_dir}; run the stage again to "
                           "evaluate and save it") from None
     strategy.print(f"saving stage {k} ({s.task})")
-    record = save_stage(s, strategy, baseline, test_acc, val, train_stats, step0, time.time() - t0)
+    record = save_stage(s, strategy, baseline, test_acc, val, train_stats, step0, time.time() - t0,
+                        router, router_seconds, routed)
     for t, acc in test_acc.items():
         monitor.scalars(k, {f"eval/accuracy/{t}": acc})
+    if routed is not None:
+        monitor.scalars(k, {f"eval/inferred_accuracy/{t}": a for t, a in routed["inferred_accuracy"].items()})
+        monitor.scalars(k, {f"routing/accuracy/{t}": a for t, a in routed["routing_accuracy"].items()})
     with atomic.full_disk_explained(run.root / "metrics.json", f"stage {k} is complete and intact",
                                     todo=f"Free some space and run `python -m trainer report {run.root}`"):
         metrics = report(run.root, order, strategy, monitor)
@@ -138,7 +150,8 @@ def setup_stage(cfg: Config, k: int, strategy: Strategy) -> Setup:
     tests = {t: encode(fmt, tasks[t], "test", strategy) for t in order}
     strategy.print(f"stage {k}/{len(order)}: {task} | base {folder} | {strategy.world_size} rank(s) | from "
                    f"{previous.folder if previous else 'the untrained model'}")
-    return Setup(cfg, k, task, model, tokenizer, fmt, tasks, tests, previous, folder, restored, load_seconds)
+    router = load_router(previous) if previous is not None else None
+    return Setup(cfg, k, task, model, tokenizer, fmt, tasks, tests, previous, folder, restored, load_seconds, router)
 
 
 def load_model(cfg: Config, record: StageRecord | None, strategy: Strategy):
@@ -158,19 +171,33 @@ def load_model(cfg: Config, record: StageRecord | None, strategy: Strategy):
 
 
 def evaluate_stage(cfg: Config, k: int | None, split: str, strategy: Strategy) -> dict:
-    """Accuracy per task of stage k's experts (k=0: the untrained model; None: the last complete stage)."""
+    """Accuracy per task of stage k's experts (k=0: the untrained model; None: the last complete stage);
+    with eval.task_id=inferred also as served by the stage's task router (test split)."""
     run = RunDir(cfg.run.dir)
     k = len(run.completed(cfg.data.order)) if k is None else k
     record = run.require_stage(k, cfg.data.order) if k > 0 else None
-    model, tokenizer, _, _ = load_model(cfg, record, strategy)
+    inferred = cfg.eval.task_id == "inferred"
+    if inferred and (split != "test" or record is None):
+        raise ConfigError("eval.task_id=inferred: evaluates a trained stage (--stage >= 1) on the test split only")
+    router = load_router(record) if inferred else None
+    if inferred and router is None:
+        raise CheckpointError(f"{record.folder}: no task router (written before routers); run the stage again "
+                              "to evaluate it with inferred task ids")
+    model, tokenizer, folder, _ = load_model(cfg, record, strategy)
     strategy.setup(model, None, None, cfg)  # inference only (under ZeRO-3 this installs the gather hooks)
     fmt = PromptFormat(tokenizer, cfg.data)
-    accuracy = {}
-    for task in load_tasks(cfg.data, cfg.run.seed):
-        accuracy[task.name] = evaluate(model, encode(fmt, task, split, strategy), tokenizer, cfg.eval.batch_size,
-                                       cfg.eval.max_new_tokens, strategy)["accuracy"]
-        strategy.print(f"{task.name}: {accuracy[task.name]:.4f}")
-    return {"stage": k, "split": split, "accuracy": accuracy}
+    tasks = {t.name: t for t in load_tasks(cfg.data, cfg.run.seed)}
+    accuracy, rows, t0 = {}, {}, time.time()
+    for name, task in tasks.items():
+        result = evaluate(model, encode(fmt, task, split, strategy), tokenizer, cfg.eval.batch_size,
+                          cfg.eval.max_new_tokens, strategy, per_row=inferred)
+        accuracy[name], rows[name] = result["accuracy"], result.get("correct_rows")
+        strategy.print(f"{name}: {accuracy[name]:.4f}")
+    out = {"stage": k, "split": split, "accuracy": accuracy}
+    if inferred:
+        s = Setup(cfg, k, record.task, model, tokenizer, fmt, tasks, {}, record, folder, {}, router=router)
+        out.update(evaluate_inferred(s, strategy, router, rows, time.time() - t0))
+    return out
 
 
 @dataclass
@@ -355,24 +382,140 @@ class StopRequested(Exception):
     """A stop signal arrived during evaluation (seen between two tasks' evaluations)."""
 
 
-def evaluate_tasks(s: Setup, strategy: Strategy, label: str) -> dict[str, float]:
-    """Test accuracy of every task of the order (tasks not learned yet use the shared expert alone).
-    Raises StopRequested, on every rank, if a stop signal arrives (checked before each task)."""
+def evaluate_tasks(s: Setup, strategy: Strategy, label: str, per_row: bool = False
+                   ) -> tuple[dict[str, float], dict[str, list[bool]]]:
+    """Test accuracy of every task of the order with its task id given (tasks not learned yet use the
+    shared expert alone), and with `per_row` whether each test row was answered right. Raises
+    StopRequested, on every rank, if a stop signal arrives (checked before each task)."""
     strategy.print(f"evaluating {len(s.tests)} task(s), {label}")
-    acc = {}
+    acc, rows = {}, {}
     for t, enc in s.tests.items():
         if strategy.stop_requested():
             raise StopRequested()
-        acc[t] = evaluate(s.model, enc, s.tokenizer, s.cfg.eval.batch_size, s.cfg.eval.max_new_tokens,
-                          strategy)["accuracy"]
+        result = evaluate(s.model, enc, s.tokenizer, s.cfg.eval.batch_size, s.cfg.eval.max_new_tokens,
+                          strategy, per_row=per_row)
+        acc[t], rows[t] = result["accuracy"], result.get("correct_rows")
     if strategy.stop_requested():
         raise StopRequested()
     strategy.print(f"test accuracy, {label}: " + "  ".join(f"{t} {a:.3f}" for t, a in acc.items()))
-    return acc
+    return acc, rows
+
+
+# -- the task router (trainer/router.py) ------------------------------------------------------------
+
+def router_layers(cfg: Config, model: MoECLModel, strategy: Strategy) -> int:
+    """router.layer, or the base's depth when the base has fewer layers (said once)."""
+    depth = model.base.config.num_hidden_layers
+    if cfg.router.layer > depth:
+        strategy.print(f"note: router.layer={cfg.router.layer} but the base has {depth} layers; the router uses all {depth}")
+    return min(cfg.router.layer, depth)
+
+
+def load_router(record: StageRecord) -> Router | None:
+    """The router saved with a stage (None for a stage written before routers existed)."""
+    sha = record.manifest["files"].get(ROUTER)
+    return Router.load(record.folder / ROUTER, sha) if sha else None
+
+
+def fit_router(s: Setup, strategy: Strategy) -> tuple[Router, float]:
+    """The previous stage's router plus this stage's task, from its training rows (and any learned task
+    the previous router lacks: a run begun before routers existed). Returns (router, seconds)."""
+    cfg, t0 = s.cfg, time.time()
+    layers = router_layers(cfg, s.model, strategy)
+    router = replace(s.router or Router(layers), shrinkage=cfg.router.shrinkage, min_confidence=cfg.router.min_confidence)
+    for t in cfg.data.order[: s.k]:
+        if t not in router.tasks:
+            rows = s.tasks[t].router_rows(cfg.router.max_rows, cfg.run.seed)
+            feats = gather_features(s.model, request_ids(s.tokenizer, [request_text(r) for r in rows], cfg.data.max_length),
+                                    layers, strategy, cfg.eval.batch_size, s.tokenizer.pad_token_id)
+            router = router.with_task(t, feats)
+    seconds = time.time() - t0
+    strategy.print(f"task router: {len(router.tasks)} task(s), layer {layers}, "
+                   f"{router.count[s.task]} rows of {s.task} ({seconds:.1f} s)")
+    return router, seconds
+
+
+def test_features(s: Setup, task: str, layers: int, strategy: Strategy) -> torch.Tensor:
+    """Router features of a task's test rows, computed once per process (the base is frozen)."""
+    if task not in s.route_features:
+        ids = request_ids(s.tokenizer, [request_text(r) for r in s.tasks[task].test], s.cfg.data.max_length)
+        s.route_features[task] = gather_features(s.model, ids, layers, strategy, s.cfg.eval.batch_size,
+                                                 s.tokenizer.pad_token_id)
+    return s.route_features[task]
+
+
+def evaluate_inferred(s: Setup, strategy: Strategy, router: Router, given_rows: dict[str, list[bool]],
+                      given_seconds: float) -> dict:
+    """Accuracy with the router choosing each test row's task (its prompt and its experts), for the
+    learned tasks and the next one (forward transfer reads it), and the share of rows routed right.
+
+    A row routed to its own task is served exactly as with its id given, so its given-id result is
+    reused; only the rows routed elsewhere are evaluated again, under the routed task. Such a row is
+    right when the routed task's answer is the row's answer (label text, or output): e.g. a yelp review
+    routed to amazon (the same five labels) can still be rated right."""
+    order, learned = s.cfg.data.order, s.cfg.data.order[: s.k]
+    columns = order[: s.k + 1]
+    t0 = time.time()
+    routes = {t: router.route(test_features(s, t, router.layer, strategy)) for t in columns}
+    routing_seconds = time.time() - t0
+    routing, inferred, flagged = {}, {}, {}
+    for j in columns:
+        if strategy.stop_requested():
+            raise StopRequested()
+        chosen, n = routes[j].tasks, len(routes[j].tasks)
+        right = sum(ok for ok, r in zip(given_rows[j], chosen) if r == j)
+        for other in sorted(set(chosen) - {j}):
+            rows = [i for i, r in enumerate(chosen) if r == other]
+            enc = routed_encoding(s, j, other, rows)
+            right += evaluate(s.model, enc, s.tokenizer, s.cfg.eval.batch_size, s.cfg.eval.max_new_tokens,
+                              strategy)["correct"]
+        routing[j] = sum(r == j for r in chosen) / n if j in learned else None
+        inferred[j] = right / n
+        flagged[j] = sum(routes[j].flagged(router.min_confidence)) / n
+    if strategy.stop_requested():
+        raise StopRequested()
+    seconds = {"given": round(given_seconds, 3), "routing": round(routing_seconds, 3),
+               "rerouted": round(time.time() - t0 - routing_seconds, 3)}
+    strategy.print("routed to their own task: " + "  ".join(f"{t} {a:.3f}" for t, a in routing.items() if a is not None)
+                   + f"  ({seconds['routing']:.1f} s, {100 * seconds['routing'] / max(given_seconds, 1e-9):.1f}% of the "
+                   f"given-id evaluation's {given_seconds:.1f} s)")
+    strategy.print("test accuracy, task id inferred: " + "  ".join(f"{t} {a:.3f}" for t, a in inferred.items()))
+    return {"routing_accuracy": routing, "inferred_accuracy": inferred, "routing_flagged": flagged,
+            "confusion": {j: {t: routes[j].tasks.count(t) for t in sorted(set(routes[j].tasks))} for j in columns},
+            "seconds": seconds}
+
+
+def routed_encoding(s: Setup, task: str, routed: str, rows: list[int]) -> Encoded:
+    """Test rows of `task` (by index) as requests served under `routed`: its prompt around each row's text,
+    its experts, and as target the row's own answer where `routed` can give it (else no answer is right)."""
+    src, dst = s.tasks[task], s.tasks[routed]
+    requests = [as_request(src.test[i], dst.kind) for i in rows]
+    enc = s.fmt.encode_rows(replace(dst, train=[], val=[], test=[], train_all=[]), requests)
+    for i, row in zip(rows, enc.rows):
+        answer = answer_text(src, src.test[i])
+        if dst.kind == "classification":
+            row["label"] = dst.labels.index(answer) if answer in dst.labels else -1
+        else:
+            row["target"] = answer
+    return enc
+
+
+def as_request(row: dict, kind: str) -> dict:
+    """A row of one task as a request row for a task of `kind` (its text only; no answer). A generation
+    task's prompt is the row's own instruction; a classification row has none, so its text is the ask."""
+    if kind == "classification":
+        return {"text": request_text(row), "label": 0, "ref": row["ref"]}
+    return {"instruction": row.get("instruction", ""), "text": row["text"], "output": "", "ref": row["ref"]}
+
+
+def answer_text(task: Task, row: dict) -> str:
+    """A row's answer as text: its label, or its output."""
+    return task.labels[row["label"]] if task.kind == "classification" else row["output"].strip()
 
 
 def save_stage(s: Setup, strategy: Strategy, baseline: dict, test_acc: dict, val: float | None,
-               train_stats: dict, step0: int, seconds: float) -> StageRecord:
+               train_stats: dict, step0: int, seconds: float, router: Router, router_seconds: float,
+               routed: dict | None) -> StageRecord:
     """Write the stage folder (adapters + manifest + config) atomically; every rank returns its record."""
     run = RunDir(s.cfg.run.dir)
     named = s.model.adapter_parameters()
@@ -389,6 +532,7 @@ def save_stage(s: Setup, strategy: Strategy, baseline: dict, test_acc: dict, val
                 atomic.staged_dir(folder) as tmp:
             # One metadata key: safetensors writes several in a per-process random (hash map) order.
             sha = checkpoint.save_adapters(tmp / ADAPTERS, tensors, {"format": "moe-cl"})
+            router_sha = router.save(tmp / ROUTER)
             resources["save_seconds"] = round(time.time() - t0, 3)
             manifest = {
                 "stage": s.k, "task": s.task, "order": s.cfg.data.order, "learned": s.cfg.data.order[: s.k],
@@ -396,9 +540,11 @@ def save_stage(s: Setup, strategy: Strategy, baseline: dict, test_acc: dict, val
                 "base_model": {"path": str(s.base_folder), "fingerprint": base_fingerprint(s.base_folder)},
                 "steps": train_stats["steps"], "global_step": step0 + train_stats["steps"],
                 "train": train_stats, "seconds": seconds, "world_size": strategy.world_size, "resources": resources,
-                "eval": {"test_accuracy": test_acc, "val_accuracy": val},
+                "eval": {"test_accuracy": test_acc, "val_accuracy": val, "task_id": s.cfg.eval.task_id,
+                         **(routed or {})},
+                "router": {"layer": router.layer, "rows": router.count, "seconds": round(router_seconds, 3)},
                 "baseline": baseline,
-                "files": {ADAPTERS: sha},
+                "files": {ADAPTERS: sha, ROUTER: router_sha},
                 "previous": ({"stage": s.previous.index, "sha256": s.previous.manifest["files"][ADAPTERS]}
                              if s.previous else None),
                 "versions": _versions(),
@@ -443,13 +589,26 @@ def report(run_root: Path, order: list[str] | None, strategy: Strategy, monitor:
     summary = cl_metrics(accuracy, baseline)
     metrics = {"tasks": order, "accuracy": accuracy, "baseline": baseline, **summary,
                "stages_complete": len(stages)}
+    # With eval.task_id=inferred (every stage): the same matrix with the router choosing each row's task.
+    # The untrained baseline has no router, so its given-id figures stand for both.
+    if all("inferred_accuracy" in rec.manifest["eval"] for rec in stages):
+        inferred = [[rec.manifest["eval"]["inferred_accuracy"].get(t) for t in order] for rec in stages]
+        metrics["routing_accuracy"] = [[rec.manifest["eval"]["routing_accuracy"].get(t) for t in order]
+                                       for rec in stages]
+        metrics["inferred"] = {"accuracy": inferred, **cl_metrics(inferred, baseline)}
     if strategy.is_main() and write:
         atomic.write_json(run.root / "metrics.json", metrics)
         fig = heatmap(order, accuracy, baseline, run.root / "accuracy.png")
         if monitor is not None:
             monitor.scalars(len(stages), {"cl/ACC": summary["ACC"], "cl/BWT": summary["BWT"], "cl/FWT": summary["FWT"]})
             monitor.figure("cl/accuracy_matrix", fig, len(stages))
+            if "inferred" in metrics:
+                monitor.scalars(len(stages), {f"cl_inferred/{k}": metrics["inferred"][k] for k in ("ACC", "BWT", "FWT")})
     strategy.print(format_table(order, accuracy, baseline, summary))
+    if "inferred" in metrics:
+        strategy.print("task id inferred by the router:\n" + format_table(order, metrics["inferred"]["accuracy"], baseline,
+                                                                          metrics["inferred"]))
+        strategy.print("routed to their own task:\n" + format_table(order, metrics["routing_accuracy"], None, None))
     return metrics
 
 
@@ -516,6 +675,9 @@ def _check_compatible(previous: StageRecord, cfg: Config) -> None:
     before = previous.manifest["config"]
     diffs = [f"experts.{k}: {v!r} -> {getattr(cfg.experts, k)!r}" for k, v in before["experts"].items()
              if k not in ("adversarial_weight", "orthogonal_weight") and getattr(cfg.experts, k) != v]
+    layer = before.get("router", {}).get("layer")
+    if layer is not None and layer != cfg.router.layer:
+        diffs.append(f"router.layer: {layer!r} -> {cfg.router.layer!r}")
     if before["model"]["path"] != cfg.model.path:
         diffs.append(f"model.path: {before['model']['path']!r} -> {cfg.model.path!r}")
     if diffs:
