@@ -47,6 +47,46 @@ def test_benchmark_cl_runs_methods_and_tabulates_their_metrics(tmp_path, model_c
     assert "running" in first.stdout
     again = _tool(*args)  # finished runs are kept, not redone
     assert "running" not in again.stdout and again.stdout.count("already complete") == 4
+    proc = subprocess.run([sys.executable, *args, "--task-id", "inferred"], cwd=REPO, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode != 0 and "was run with given task ids only; use another --out" in proc.stderr
+
+
+def test_benchmark_cl_with_inferred_task_ids_and_predict_throughput(tmp_path, model_cache):
+    """--task-id inferred tabulates the inferred-id figures (given ones kept beside them); bench_predict
+    serves the run's bundle with ids given and routed."""
+    out = tmp_path / "bench"
+    _tool("tools/benchmark_cl.py", "configs/tiny.yaml", "--orders", "config", "--methods", "olora", "--out", str(out),
+          "--task-id", "inferred", f"model.cache_dir={model_cache}", f"data.cache_dir={tmp_path / 'c'}",
+          "data.max_train_examples=32", "data.max_eval_examples=12")
+    metrics = json.loads((out / "orderconfig" / "olora" / "seed0" / "metrics.json").read_text())
+    run = json.loads((out / "results.json").read_text())["runs"]["olora/orderconfig/seed0"]
+    assert run["ACC"] == metrics["inferred"]["ACC"] and run["given"]["ACC"] == metrics["ACC"]
+    assert run["routing_accuracy"] == metrics["routing_accuracy"]
+    md = (out / "results.md").read_text()
+    assert "task ids inferred" in md and f"| olora, order config, seed 0 | {100 * metrics['ACC']:.1f} |" in md
+    bundle = tmp_path / "bundle"
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    subprocess.run([sys.executable, "-m", "trainer", "export", str(out / "orderconfig" / "olora" / "seed0"), "--out",
+                    str(bundle)], cwd=REPO, env=env, check=True, capture_output=True)
+    proc = _tool("tools/bench_predict.py", str(bundle), "--data", "data/mtl5", "--rows", "4", "--reps", "1")
+    figures = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert figures["requests"] == 8 and all(v > 0 for v in figures["examples_per_s"].values())
+    assert figures["ratio"] == pytest.approx(figures["examples_per_s"]["routed"] / figures["examples_per_s"]["given"])
+    assert 0 <= figures["routing_accuracy"] <= 1 and 0 <= figures["same_prediction"] <= 1
+
+
+def test_router_study_reports_each_layer_and_statistic(model_cache):
+    proc = _tool("tools/router_study.py", "--model", "builtin:tiny-llama", "--cache-dir", str(model_cache), "--data",
+                 "data/mtl5", "--tasks", "agnews,yelp,dbpedia", "--rows", "20", "--eval-rows", "8", "--layers", "0,1,2")
+    figures = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert figures["split"] == "val" and set(figures["cost_vs_full_forward"]) == {"0", "1", "2"}
+    assert all(v > 0 for v in figures["cost_vs_full_forward"].values())
+    for rows in figures["sets"].values():
+        assert set(rows) == {"0", "1", "2"}
+        for stats in rows.values():
+            assert set(stats) == {"lda0.05", "lda0.1", "lda0.2", "diag", "mean"}
+            assert all(0 <= a <= 1 for acc in stats.values() for a in acc.values())
 
 
 def test_benchmark_cl_rejects_unknown_methods_and_orders():

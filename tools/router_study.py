@@ -43,23 +43,31 @@ from trainer.router import Router, gather_features, request_ids, request_text  #
 
 
 @torch.no_grad()
-def all_layer_features(model: MoECLModel, ids: list[list[int]], batch: int, pad: int) -> torch.Tensor:
-    """(layers + 1, rows, hidden) float64: base_features at every depth, from one pass."""
+def all_layer_features(model: MoECLModel, ids: list[list[int]], batch: int, pad: int, deepest: int) -> torch.Tensor:
+    """(deepest + 1, rows, hidden) float64: base_features at every depth up to `deepest`, from one pass."""
     decoder = model.base.get_decoder()
     model.routing.summed = ()
-    out = []
-    for start in range(0, len(ids), batch):
-        rows = ids[start:start + batch]
-        width = max(len(r) for r in rows)
-        x = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
-        mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
-        states = decoder(input_ids=x, attention_mask=mask, output_hidden_states=True, use_cache=False).hidden_states
-        keep = mask.clone()
-        keep[:, 0] = 0
-        # hidden_states[L] is the input of layer L (the last entry is already normed by the decoder)
-        normed = [decoder.norm(h) for h in states[:-1]] + [states[-1]]
-        out.append(torch.stack([masked_mean(h.float(), keep).double() for h in normed]))
+    every, out = decoder.layers, []
+    decoder.layers = every[:deepest]
+    try:
+        for start in range(0, len(ids), batch):
+            out.append(_layer_features(decoder, ids[start:start + batch], pad))
+    finally:
+        decoder.layers = every
     return torch.cat(out, dim=1)
+
+
+def _layer_features(decoder, rows: list[list[int]], pad: int) -> torch.Tensor:
+    """(deepest + 1, batch, hidden) for one batch."""
+    width = max(len(r) for r in rows)
+    x = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
+    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+    states = decoder(input_ids=x, attention_mask=mask, output_hidden_states=True, use_cache=False).hidden_states
+    keep = mask.clone()
+    keep[:, 0] = 0
+    # hidden_states[L] is the input of layer L (the last entry is already normed by the decoder)
+    normed = [decoder.norm(h) for h in states[:-1]] + [states[-1]]
+    return torch.stack([masked_mean(h.float(), keep).double() for h in normed])
 
 
 def accuracy(train: dict, held: dict, names: list[str], layer: int, statistic: str, shrink: float) -> dict:
@@ -82,10 +90,11 @@ def accuracy(train: dict, held: dict, names: list[str], layer: int, statistic: s
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="builtin:smollm2-135m-instruct")
+    ap.add_argument("--cache-dir", default="~/.cache/moe-cl/models", help="where builtin: models are materialised")
     ap.add_argument("--data", default="../shared/data/mtl5")
     ap.add_argument("--tasks", default="dbpedia,amazon,yahoo,agnews,yelp")
     ap.add_argument("--rows", type=int, default=1000, help="training rows per task (router.max_rows)")
-    ap.add_argument("--eval-rows", type=int, default=300)
+    ap.add_argument("--eval-rows", type=int, default=300, help="rows of --split per task")
     ap.add_argument("--split", choices=("val", "test"), default="val")
     ap.add_argument("--layers", default="0,1,2,3,4,5,6,8,10,15,20,30")
     ap.add_argument("--max-length", type=int, default=112)
@@ -93,7 +102,7 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     names = args.tasks.split(",")
-    base, tok, folder = load_base(ModelConfig(path=args.model, dtype="float32"))
+    base, tok, folder = load_base(ModelConfig(path=args.model, dtype="float32", cache_dir=args.cache_dir))
     model = MoECLModel(base, names, ExpertsConfig()).eval()
     depth = base.config.num_hidden_layers
     layers = [x for x in map(int, args.layers.split(",")) if x <= depth]
@@ -103,7 +112,7 @@ def main(argv=None) -> dict:
     for t in names:
         for split, rows in (("train", tasks[t].router_rows(args.rows, 0)), (args.split, getattr(tasks[t], args.split))):
             ids = request_ids(tok, [request_text(r) for r in rows], args.max_length)
-            feats = all_layer_features(model, ids, args.batch, tok.pad_token_id)
+            feats = all_layer_features(model, ids, args.batch, tok.pad_token_id, max(layers))
             (train if split == "train" else held)[t] = feats
             print(f"features: {t} {split} {len(rows)} rows ({time.time() - t0:.0f} s)", file=sys.stderr, flush=True)
     # The one-pass features are the router's own (checked at one layer on a few rows).
@@ -114,9 +123,10 @@ def main(argv=None) -> dict:
     # Cost of a prefix of L layers against a full forward, on the same rows.
     sample = request_ids(tok, [request_text(r) for t in names for r in tasks[t].test[:16]], args.max_length)
     cost = {}
-    for layer in [depth, *layers]:
+    for layer in ["full", *layers]:  # "full": every layer of the base
         t1 = time.time()
-        gather_features(model, sample, layer, LocalStrategy("cpu"), args.batch, tok.pad_token_id)
+        gather_features(model, sample, depth if layer == "full" else layer, LocalStrategy("cpu"), args.batch,
+                        tok.pad_token_id)
         cost[layer] = time.time() - t1
     results = {"model": args.model, "rows": args.rows, "split": args.split, "eval_rows": args.eval_rows, "sets": {}}
     sets = {f"order 1 ({', '.join(names[:4])})": names[:4], f"all {len(names)}": names}
@@ -131,9 +141,9 @@ def main(argv=None) -> dict:
                 acc = accuracy(train, held, subset, layer, statistic, shrink)
                 rows.setdefault(layer, {})[f"{statistic}{shrink if statistic == 'lda' else ''}"] = acc
                 cells.append(f"{100 * min(acc.values()):5.1f} /{100 * sum(acc.values()) / len(acc):5.1f}")
-            print(f"{layer:>5}  {cost[layer] / cost[depth]:4.2f}  " + "  ".join(c.ljust(13) for c in cells))
+            print(f"{layer:>5}  {cost[layer] / cost['full']:4.2f}  " + "  ".join(c.ljust(13) for c in cells))
         results["sets"][label] = rows
-    results["cost_vs_full_forward"] = {k: round(v / cost[depth], 3) for k, v in cost.items()}
+    results["cost_vs_full_forward"] = {k: round(v / cost["full"], 3) for k, v in cost.items() if k != "full"}
     print(json.dumps(results))
     return results
 
