@@ -97,7 +97,7 @@ def test_two_ranks_match_one_rank_with_twice_the_accumulation(tmp_path, model_ca
     """Same global batches: 2 ranks x accum 1 (ZeRO-3), 1 rank x accum 2 (ZeRO-3 and plain PyTorch).
     The task router's statistics, reduced over the 2 ranks, equal those of one rank, and so do the
     accuracies with inferred task ids (the next task's rows are all served under the learned one)."""
-    inferred = {"eval.task_id": "inferred"}
+    inferred = {"eval.task_id": "inferred", "router.layer": 1}  # 1 of 2 layers: the truncated pass under ZeRO-3
     torchrun(2, "stage", "configs/tiny.yaml", *_overrides(tmp_path, model_cache, "two", **{"train.grad_accum": 1},
                                                            **inferred), "--stage", "1")
     run_cli("stage", "configs/tiny.yaml", *_overrides(tmp_path, model_cache, "one", **{
@@ -121,10 +121,12 @@ def test_two_ranks_match_one_rank_with_twice_the_accumulation(tmp_path, model_ca
     assert set(m2["eval"]["inferred_accuracy"]) == {"agnews", "yelp"} and m2["eval"]["confusion"]["yelp"] == {"agnews": 12}
     routers = [load_file(tmp_path / r / "stages" / "1-agnews" / "router.safetensors") for r in ("two", "one", "local")]
     assert routers[0].keys() == routers[1].keys() == routers[2].keys()
-    assert routers[0]["tasks.agnews.mean"].shape == (64,) and m2["router"]["rows"] == {"agnews": 270}
+    assert routers[0]["tasks.agnews.mean"].shape == (64,)
+    assert (m2["router"]["layer"], m2["router"]["rows"]) == (1, {"agnews": 270})
     for k in routers[0]:
         for other in routers[1:]:
-            torch.testing.assert_close(routers[0][k], other[k], rtol=1e-6, atol=1e-9)
+            # float32 features of differently padded batches: equal to ~1e-7 of each tensor's scale
+            torch.testing.assert_close(routers[0][k], other[k], rtol=1e-5, atol=1e-6 * routers[0][k].abs().max().item())
 
 
 def test_olora_penalty_under_zero3_matches_one_process(tmp_path, model_cache):
