@@ -213,6 +213,7 @@ def test_predict_errors_without_a_router_or_a_text(run, tmp_path):
 def test_inspect_run_and_bundle(run, tmp_path):
     out = run_cli("inspect", str(run))
     assert "learned: agnews, yelp" in out.stdout and "expert:shared" in out.stdout and "sha256" in out.stdout
+    assert "router:  layer 2, agnews (270 rows), yelp (270 rows)" in out.stdout
     data = json.loads(run_cli("inspect", str(run / "stages" / "1-agnews"), "--json").stdout)
     assert data["learned"] == ["agnews"] and data["groups"]["expert:agnews"]["params"] == 2 * 3 * 4 * (64 + 128)
     assert data["groups"]["expert:agnews"]["shapes"]["gate_proj.lora_a"] == [4, 64]

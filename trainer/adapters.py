@@ -662,7 +662,9 @@ def inspect(path: Path) -> dict:
     files = dict(ad.files)
     for f in sorted(ad.source.glob("*.safetensors")):
         files.setdefault(f.name, sha256_file(f))
+    router = ad.router()
     return {"source": str(ad.source), "kind": ad.kind, "order": ad.config.data.order, "learned": ad.learned,
+            "router": {"layer": router.layer, "tasks": router.tasks, "rows": router.count} if router else None,
             "experts": ad.config.experts.__dict__, "groups": groups, "files": files,
             "metrics": ad.info.get("eval"), "step": ad.info.get("step"), "base_model": ad.base_record()}
 
@@ -675,6 +677,9 @@ def format_inspect(r: dict) -> str:
     method = e.get("method", "moe_cl")
     lines.append(f"experts: method {method}, rank {e['rank']}, alpha {e['alpha']}"
                  + (f", gate {e['gate']}, discriminator {e['discriminator']}" if method.startswith("moe_cl") else ""))
+    router = r.get("router")
+    lines.append(f"router:  layer {router['layer']}, " + ", ".join(f"{t} ({n} rows)" for t, n in router["rows"].items())
+                 if router else "router:  none (requests need their task id)")
     for name, g in r["groups"].items():
         shapes = ", ".join(f"{k} {v}" for k, v in g["shapes"].items())
         lines.append(f"  {name:<24} {g['params']:>12,} params in {g['tensors']:>4} tensors  {'/'.join(g['dtypes'])}  {shapes}")

@@ -7,7 +7,8 @@
     report RUN_DIR                             accuracy matrix, ACC / BWT / FWT of a run
     extract SOURCE --expert E --out DIR        one expert as a PEFT LoRA adapter
     merge SOURCE (--expert E | --task T) --out DIR    experts folded into a plain HF model
-    export SOURCE --out DIR [--tasks a,b]      a serving bundle; predict --bundle DIR --input X.jsonl
+    export SOURCE --out DIR [--tasks a,b]      a serving bundle (experts + task router)
+    predict --bundle DIR --input X.jsonl|-     answers; requests without "task" are routed
     inspect SOURCE [--json]                    tasks, experts, shapes, metrics, hashes
 """
 

@@ -435,7 +435,7 @@ def fit_router(s: Setup, strategy: Strategy) -> tuple[Router, float]:
     return router, seconds
 
 
-def test_features(s: Setup, task: str, layers: int, strategy: Strategy) -> torch.Tensor:
+def router_features_of(s: Setup, task: str, layers: int, strategy: Strategy) -> torch.Tensor:
     """Router features of a task's test rows, computed once per process (the base is frozen)."""
     if task not in s.route_features:
         ids = request_ids(s.tokenizer, [request_text(r) for r in s.tasks[task].test], s.cfg.data.max_length)
@@ -456,7 +456,7 @@ def evaluate_inferred(s: Setup, strategy: Strategy, router: Router, given_rows: 
     order, learned = s.cfg.data.order, s.cfg.data.order[: s.k]
     columns = order[: s.k + 1]
     t0 = time.time()
-    routes = {t: router.route(test_features(s, t, router.layer, strategy)) for t in columns}
+    routes = {t: router.route(router_features_of(s, t, router.layer, strategy)) for t in columns}
     routing_seconds = time.time() - t0
     routing, inferred, flagged = {}, {}, {}
     for j in columns:
