@@ -74,11 +74,13 @@ def test_benchmark_cl_with_inferred_task_ids_and_predict_throughput(tmp_path, mo
     assert figures["requests"] == 8 and all(v > 0 for v in figures["examples_per_s"].values())
     assert figures["ratio"] == pytest.approx(figures["examples_per_s"]["routed"] / figures["examples_per_s"]["given"])
     assert 0 <= figures["routing_accuracy"] <= 1 and 0 <= figures["same_prediction"] <= 1
+    assert set(figures["flagged"]) == {"mtl5", "foreign"} and all(0 <= v <= 1 for v in figures["flagged"].values())
 
 
 def test_router_study_reports_each_layer_and_statistic(model_cache):
     proc = _tool("tools/router_study.py", "--model", "builtin:tiny-llama", "--cache-dir", str(model_cache), "--data",
-                 "data/mtl5", "--tasks", "agnews,yelp,dbpedia", "--rows", "20", "--eval-rows", "8", "--layers", "0,1,2")
+                 "data/mtl5", "--tasks", "agnews,yelp,dbpedia", "--rows", "20", "--eval-rows", "8", "--layers", "0,1,2",
+                 "--confusion-layer", "1")
     figures = json.loads(proc.stdout.strip().splitlines()[-1])
     assert figures["split"] == "val" and set(figures["cost_vs_full_forward"]) == {"0", "1", "2"}
     assert all(v > 0 for v in figures["cost_vs_full_forward"].values())
@@ -87,6 +89,10 @@ def test_router_study_reports_each_layer_and_statistic(model_cache):
         for stats in rows.values():
             assert set(stats) == {"lda0.05", "lda0.1", "lda0.2", "diag", "mean"}
             assert all(0 <= a <= 1 for acc in stats.values() for a in acc.values())
+    confusion = figures["confusion"]["counts"]
+    assert set(confusion) == {"agnews", "yelp", "dbpedia"} and all(sum(c.values()) == 8 for c in confusion.values())
+    # the diagonal of the confusion matrix is the routing accuracy at that layer
+    assert all(confusion[t].get(t, 0) / 8 == figures["sets"]["all 3"]["1"]["lda0.1"][t] for t in confusion)
 
 
 def test_benchmark_cl_rejects_unknown_methods_and_orders():

@@ -108,6 +108,26 @@ def test_sequence_skips_complete_stages(llama_run, model_cache):
     assert before == {p: p.stat().st_mtime_ns for p in run.glob("stages/*/adapters.safetensors")}
 
 
+def test_a_stage_written_before_routers_gets_its_task_routed_by_the_next_stage(llama_run, tmp_path, model_cache):
+    """Stage 2 on a stage 1 without router.safetensors (a run begun before routers) computes the
+    missing task's statistics too: they equal those the original run saved."""
+    import shutil
+
+    run, _ = llama_run
+    old = tmp_path / "run" / "stages" / "1-agnews"
+    shutil.copytree(run / "stages" / "1-agnews", old)
+    (old / "router.safetensors").unlink()
+    manifest = json.loads((old / "stage.json").read_text())
+    del manifest["files"]["router.safetensors"], manifest["router"]
+    (old / "stage.json").write_text(json.dumps(manifest))
+    run_cli("stage", "configs/tiny.yaml", *_overrides(tmp_path, model_cache), "--stage", "2")
+    fresh = load_file(tmp_path / "run" / "stages" / "2-yelp" / "router.safetensors")
+    saved = load_file(run / "stages" / "2-yelp" / "router.safetensors")
+    assert fresh.keys() == saved.keys() and "tasks.agnews.mean" in fresh
+    for k in fresh:
+        torch.testing.assert_close(fresh[k], saved[k], rtol=1e-5, atol=1e-6 * saved[k].abs().max().item())
+
+
 def test_tiny_qwen2_two_stages(tmp_path, model_cache):
     proc = run_cli("sequence", "configs/tiny.yaml", *_overrides(tmp_path, model_cache, **{
         "model.path": "builtin:tiny-qwen2", "experts.gate": "per_task", "experts.discriminator": "mlp"}))

@@ -16,8 +16,8 @@ layer, the share of each task's rows routed to it by three statistics, for the f
   diag     shared per-dimension variance only (a diagonal covariance)
   mean     nearest mean (Euclidean)
 
-and what the prefix of L layers costs against a full forward of the same rows. The last line is one
-JSON object with every figure.
+what the prefix of L layers costs against a full forward of the same rows, and, at
+`--confusion-layer`, where each task's rows are routed. The last line is one JSON object with every figure.
 """
 
 from __future__ import annotations
@@ -99,6 +99,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--layers", default="0,1,2,3,4,5,6,8,10,15,20,30")
     ap.add_argument("--max-length", type=int, default=112)
     ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--confusion-layer", type=int, default=4, help="print where each task's rows are routed at this layer")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     names = args.tasks.split(",")
@@ -143,6 +144,19 @@ def main(argv=None) -> dict:
                 cells.append(f"{100 * min(acc.values()):5.1f} /{100 * sum(acc.values()) / len(acc):5.1f}")
             print(f"{layer:>5}  {cost[layer] / cost['full']:4.2f}  " + "  ".join(c.ljust(13) for c in cells))
         results["sets"][label] = rows
+    # Where the misrouted rows go: the router as the trainer builds it (router.layer, router.shrinkage).
+    if args.confusion_layer in layers:
+        r = Router(args.confusion_layer, shrinkage=0.1)
+        for t in names:
+            r = r.with_task(t, train[t][args.confusion_layer])
+        confusion = {t: {u: c for u in names if (c := r.route(held[t][args.confusion_layer]).tasks.count(u))}
+                     for t in names}
+        print(f"\nlayer {args.confusion_layer}, lda 0.1, all {len(names)} tasks: {args.split} rows of each task (row) routed to "
+              "each task (column)")
+        print("".ljust(10) + "".join(u.rjust(9) for u in names))
+        for t in names:
+            print(t.ljust(10) + "".join(str(confusion[t].get(u, 0)).rjust(9) for u in names))
+        results["confusion"] = {"layer": args.confusion_layer, "counts": confusion}
     results["cost_vs_full_forward"] = {k: round(v / cost["full"], 3) for k, v in cost.items() if k != "full"}
     print(json.dumps(results))
     return results
