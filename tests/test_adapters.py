@@ -20,6 +20,7 @@ from transformers import AutoModelForCausalLM
 
 from trainer.adapters import (SHARD_INDEX, build_model, export_bundle, extract_peft, merge, merge_into_base,
                               open_adapters, predict)
+from trainer.checkpoint import CheckpointError
 from trainer.config import load_config
 from trainer.data import load_tasks
 from trainer.distributed import LocalStrategy
@@ -191,24 +192,24 @@ def test_predict_routes_requests_without_a_task_id(run, tmp_path, model_cache):
 
 
 def test_predict_errors_without_a_router_or_a_text(run, tmp_path):
-    run_cli("export", str(run), "--out", str(tmp_path / "bundle"))
+    bundle = tmp_path / "bundle"
+    export_bundle(open_adapters(run), bundle)
     empty = tmp_path / "empty.jsonl"
     empty.write_text(json.dumps({"sentence": "fine"}) + "\n" + json.dumps({"sentence": "   "}) + "\n")
-    out = run_cli("predict", "--bundle", str(tmp_path / "bundle"), "--input", str(empty), check=False)
+    out = run_cli("predict", "--bundle", str(bundle), "--input", str(empty), check=False)
     assert out.returncode == 2 and f"{empty}: line 2: the request text is empty" in out.stderr
     # A bundle without a router (e.g. exported from a mid-stage checkpoint) serves requests with a task only.
-    bundle = tmp_path / "bundle"
     info = json.loads((bundle / "bundle.json").read_text())
     del info["files"]["router.safetensors"]
     (bundle / "bundle.json").write_text(json.dumps(info))
     (bundle / "router.safetensors").unlink()
     no_task = tmp_path / "no_task.jsonl"
     no_task.write_text(json.dumps({"task": "yelp", "sentence": "Good."}) + "\n" + json.dumps({"sentence": "Good."}) + "\n")
-    out = run_cli("predict", "--bundle", str(bundle), "--input", str(no_task), check=False)
-    assert out.returncode == 2 and f"{no_task}: line 2: no 'task'" in out.stderr and "has no task router" in out.stderr
+    with pytest.raises(CheckpointError, match=f"{no_task}: line 2: no 'task', and the bundle .* has no task router"):
+        predict(bundle, no_task, None, LocalStrategy("cpu"))
     no_task.write_text(json.dumps({"task": "yelp", "sentence": "Good."}) + "\n")
-    assert json.loads(run_cli("predict", "--bundle", str(bundle), "--input", str(no_task)).stdout.splitlines()[-1])["task"] == "yelp"
-
+    [row] = predict(bundle, no_task, None, LocalStrategy("cpu"))
+    assert row["task"] == "yelp" and "routed_task" not in row
 
 def test_inspect_run_and_bundle(run, tmp_path):
     out = run_cli("inspect", str(run))

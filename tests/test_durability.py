@@ -139,7 +139,7 @@ def test_checkpoints_and_stage_are_durable_before_they_are_named(tmp_path, model
     # -- the stage folder ----------------------------------------------------------------------------
     moved_in = _renamed_into(events, stage, len(events))
     src, files = events[moved_in].src, events[moved_in].files
-    assert set(files) == {"adapters.safetensors", "stage.json", "config.yaml"}, files
+    assert set(files) == {"adapters.safetensors", "router.safetensors", "stage.json", "config.yaml"}, files
     for name, ident in files.items():
         assert _fsynced_before(events, moved_in, ident), f"{src / name} was not fsynced before the stage rename"
         assert _ident((stage / name).stat()) == ident  # the files that were fsynced are the ones in place
