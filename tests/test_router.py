@@ -109,7 +109,7 @@ def test_features_are_the_frozen_bases_whatever_the_experts(tiny_base, smollm2_t
     after = gather_features(model, ids, 1, strategy, 1, smollm2_tokenizer.pad_token_id)
     torch.testing.assert_close(before, after, rtol=1e-6, atol=1e-6)  # batch of 2 (padded) or 1: the same
     decoder = tiny_base.get_decoder()
-    model.routing.summed = ()  # the plain forward below runs the base alone too
+    model._route(None, None, collect=False, base_only=True)  # the plain forward below runs the base alone too
     with torch.no_grad():
         x = torch.tensor([ids[1]])
         states = decoder(input_ids=x, output_hidden_states=True, use_cache=False).hidden_states

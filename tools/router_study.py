@@ -46,7 +46,7 @@ from trainer.router import Router, gather_features, request_ids, request_text  #
 def all_layer_features(model: MoECLModel, ids: list[list[int]], batch: int, pad: int, deepest: int) -> torch.Tensor:
     """(deepest + 1, rows, hidden) float64: base_features at every depth up to `deepest`, from one pass."""
     decoder = model.base.get_decoder()
-    model.routing.summed = ()
+    model._route(None, None, collect=False, base_only=True)
     every, out = decoder.layers, []
     decoder.layers = every[:deepest]
     try:

@@ -207,8 +207,7 @@ class MoECLModel(nn.Module):
         `layers` decoder layers and its final norm, averaged over every real token but the first (where
         Llama-family models park outsized activations). input_ids, attention_mask: (batch, seq) ->
         (batch, hidden) float32. The later layers do not run."""
-        self._route(None, attention_mask, collect=False)
-        self.routing.summed = ()  # the base MLP alone
+        self._route(None, attention_mask, collect=False, base_only=True)
         decoder = self.base.get_decoder()
         every = decoder.layers
         decoder.layers = every[:layers]  # the decoder runs `self.layers[:num_hidden_layers]`
@@ -266,9 +265,7 @@ class MoECLModel(nn.Module):
                  base_only: bool = False) -> torch.Tensor:
         """Greedy continuation of left-padded prompts; returns only the new tokens (batch, <= max_new).
         `base_only`: the frozen base alone, no expert."""
-        self._route(task, attention_mask, collect=False)
-        if base_only:
-            self.routing.summed = ()
+        self._route(task, attention_mask, collect=False, base_only=base_only)
         out = self.base.generate(input_ids=input_ids, attention_mask=attention_mask, do_sample=False,
                                  max_new_tokens=max_new_tokens, pad_token_id=pad_token_id,
                                  eos_token_id=eos_token_id, synced_gpus=synced)
@@ -286,12 +283,14 @@ class MoECLModel(nn.Module):
             correct.append((logits.argmax(-1) == target).float().mean())
         return torch.stack(losses).mean(), torch.stack(correct).mean().detach()
 
-    def _route(self, task: str | None, mask: torch.Tensor, collect: bool, only: str | None = None) -> None:
-        """Which experts the next forward runs (`routed_experts`, or `only` that one)."""
+    def _route(self, task: str | None, mask: torch.Tensor, collect: bool, only: str | None = None,
+               base_only: bool = False) -> None:
+        """Which experts the next forward runs (`routed_experts`, `only` that one, or none: `base_only`)."""
         experts = self.moe_layers[0].experts
         if only is not None and only not in experts:
             raise KeyError(f"no expert {only!r}; this model has {list(experts)}")
-        summed = (only,) if only is not None else routed_experts(self.method, task, self.learned_tasks)
+        summed = (() if base_only else (only,) if only is not None
+                  else routed_experts(self.method, task, self.learned_tasks))
         r = self.routing
         r.task, r.summed, r.mask = (task if summed is None else None), summed, mask
         r.collect, r.pool = collect and summed is None, collect and summed is None and len(self.discriminators) > 0
