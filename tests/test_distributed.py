@@ -94,16 +94,18 @@ def test_frozen_base_is_really_sharded_across_two_ranks():
 
 
 def test_two_ranks_match_one_rank_with_twice_the_accumulation(tmp_path, model_cache):
-    """Same global batches: 2 ranks x accum 1 (ZeRO-3), 1 rank x accum 2 (ZeRO-3 and plain PyTorch).
+    """One train.global_batch_size of 8 rows (micro 4): 2 ranks derive accumulation 1 (ZeRO-3), 1 rank
+    accumulation 2 (ZeRO-3 and plain PyTorch); the same global batches, so the same adapters.
     The task router's statistics, reduced over the 2 ranks, equal those of one rank, and so do the
     accuracies with inferred task ids (the next task's rows are all served under the learned one)."""
     inferred = {"eval.task_id": "inferred", "router.layer": 1}  # 1 of 2 layers: the truncated pass under ZeRO-3
-    torchrun(2, "stage", "configs/tiny.yaml", *_overrides(tmp_path, model_cache, "two", **{"train.grad_accum": 1},
-                                                           **inferred), "--stage", "1")
-    run_cli("stage", "configs/tiny.yaml", *_overrides(tmp_path, model_cache, "one", **{
-        "train.grad_accum": 2, "distributed.strategy": "deepspeed"}, **inferred), "--stage", "1")
-    run_cli("stage", "configs/tiny.yaml", *_overrides(tmp_path, model_cache, "local", **{
-        "train.grad_accum": 2, "distributed.strategy": "local"}, **inferred), "--stage", "1")
+    batch = {"train.global_batch_size": 8}
+    torchrun(2, "stage", "configs/tiny.yaml", *_overrides(tmp_path, model_cache, "two", **batch, **inferred),
+             "--stage", "1")
+    run_cli("stage", "configs/tiny.yaml", *_overrides(tmp_path, model_cache, "one", **batch, **{
+        "distributed.strategy": "deepspeed"}, **inferred), "--stage", "1")
+    run_cli("stage", "configs/tiny.yaml", *_overrides(tmp_path, model_cache, "local", **batch, **{
+        "distributed.strategy": "local"}, **inferred), "--stage", "1")
     two, one, local = (_adapters(tmp_path, r) for r in ("two", "one", "local"))
     assert two.keys() == one.keys() == local.keys()
     for k in two:
@@ -114,6 +116,8 @@ def test_two_ranks_match_one_rank_with_twice_the_accumulation(tmp_path, model_ca
     assert any(torch.count_nonzero(two[k]) for k in two if k.endswith("lora_b"))
     m2, m1, ml = (_manifest(tmp_path, r) for r in ("two", "one", "local"))
     assert m2["world_size"] == 2 and m1["world_size"] == 1
+    assert [(m["train"]["global_batch"], m["train"]["accumulation"]) for m in (m2, m1, ml)] == [(8, 1), (8, 2), (8, 2)]
+    assert m2["train"]["steps"] == m1["train"]["steps"] == ml["train"]["steps"]
     assert m2["eval"]["test_accuracy"] == m1["eval"]["test_accuracy"] == ml["eval"]["test_accuracy"]
     assert m2["baseline"] == m1["baseline"] == ml["baseline"]
     for key in ("routing_accuracy", "inferred_accuracy", "confusion"):
@@ -133,17 +137,16 @@ def test_olora_penalty_under_zero3_matches_one_process(tmp_path, model_cache):
     """O-LoRA's penalty reads earlier tasks' A matrices; under ZeRO-3 (every parameter partitioned)
     a 2-rank stage 2 ends where the single-process run does."""
     o = {"experts.method": "olora", "experts.orthogonal_weight": 50.0, "train.lr": 0.01}
-    torchrun(2, "sequence", "configs/tiny.yaml", *_overrides(tmp_path, model_cache, "two", **o,
-                                                              **{"train.grad_accum": 1}))
+    torchrun(2, "sequence", "configs/tiny.yaml", *_overrides(tmp_path, model_cache, "two", **o))
     run_cli("sequence", "configs/tiny.yaml", *_overrides(tmp_path, model_cache, "local", **o, **{
-        "train.grad_accum": 2, "distributed.strategy": "local"}))
+        "distributed.strategy": "local"}))
     two, local = (_adapters(tmp_path, r, "2-yelp") for r in ("two", "local"))
     assert two.keys() == local.keys() and any(".experts.yelp." in k for k in two)
     for k in two:
         torch.testing.assert_close(two[k], local[k], rtol=0, atol=1e-3)
     # The penalty acts: without it, yelp's A matrices overlap agnews' more.
     run_cli("sequence", "configs/tiny.yaml", *_overrides(tmp_path, model_cache, "free", **{
-        **o, "experts.orthogonal_weight": 0.0, "train.grad_accum": 2, "distributed.strategy": "local"}))
+        **o, "experts.orthogonal_weight": 0.0, "distributed.strategy": "local"}))
     free = _adapters(tmp_path, "free", "2-yelp")
     overlap = lambda sd: sum((sd[f"layers.{i}.experts.yelp.{p}.lora_a"] @  # noqa: E731
                               sd[f"layers.{i}.experts.agnews.{p}.lora_a"].T).abs().sum()
@@ -249,7 +252,7 @@ def test_zero2_bf16_restores_adapters_at_their_fp32_values(tmp_path, model_cache
     """ZeRO-2 with bf16 casts every parameter to bf16 before building the fp32 masters; the restored
     adapters' fp32 values must still be what stage 2 starts from. Stage 2 runs at lr 1e-30 (an Adam step
     of ~1e-30 cannot move an fp32 value of these magnitudes), so what it saves is where it started."""
-    o = {"distributed.ds_config": "ds_configs/zero2.json", "model.dtype": "bfloat16", "train.grad_accum": 1}
+    o = {"distributed.ds_config": "ds_configs/zero2.json", "model.dtype": "bfloat16"}
     torchrun(2, "stage", "configs/tiny.yaml", *_overrides(tmp_path, model_cache, "run", **o), "--stage", "1")
     torchrun(2, "stage", "configs/tiny.yaml", *_overrides(tmp_path, model_cache, "run", **o, **{"train.lr": 1e-30}),
              "--stage", "2")
@@ -265,7 +268,7 @@ def test_zero2_bf16_restores_adapters_at_their_fp32_values(tmp_path, model_cache
 def test_activation_checkpointing_under_zero3_gives_the_same_adapters(tmp_path, model_cache, tiny_llama_dir):
     """train.activation_checkpointing with 2 ZeRO-3 ranks: stage 2 restores a frozen expert and trains
     the discriminators too; every adapter, loss and accuracy as without it."""
-    o = {"train.grad_accum": 2, "eval.val": False}
+    o = {"train.global_batch_size": 16, "eval.val": False}  # accumulation 2 on 2 ranks
     torchrun(2, "sequence", "configs/tiny.yaml", *_overrides(tmp_path, model_cache, "plain", **o))
     torchrun(2, "sequence", "configs/tiny.yaml", *_overrides(tmp_path, model_cache, "ckpt", **o, **{
         "train.activation_checkpointing": True}))

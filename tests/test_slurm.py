@@ -52,7 +52,7 @@ def _overrides(tmp_path, model_cache, **extra) -> list[str]:
     o = {"run.dir": str(tmp_path / "run"), "model.cache_dir": str(model_cache),
          "data.cache_dir": str(tmp_path / "cache"), "data.max_train_examples": 32, "data.max_eval_examples": 12,
          "distributed.param_persistence_threshold": 0, "experts.dropout": 0.0, "train.micro_batch_size": 4,
-         "train.grad_accum": 1, "slurm.nodes": 2, "slurm.time": "00:15:00"}
+         "slurm.nodes": 2, "slurm.time": "00:15:00"}
     o.update(extra)
     return [f"{k}={v}" for k, v in o.items()]
 
@@ -96,9 +96,13 @@ def _log(tmp_path, pattern: str) -> str:
 
 
 def test_submit_dry_run_shows_the_chain(tmp_path, model_cache):
-    out = run_cli("submit", "configs/tiny.yaml", *_overrides(tmp_path, model_cache, **{
-        "slurm.partition": "gpu", "slurm.account": "proj42", "slurm.gpus_per_node": 4, "slurm.nodes": 3,
-        "slurm.extra": "[--qos=high]"}), "--dry-run")
+    cluster = {"slurm.partition": "gpu", "slurm.account": "proj42", "slurm.gpus_per_node": 4, "slurm.nodes": 3,
+               "slurm.extra": "[--qos=high]"}
+    # tiny.yaml's global batch of 8 rows cannot be split over 12 GPUs: refused before anything is queued
+    bad = run_cli("submit", "configs/tiny.yaml", *_overrides(tmp_path, model_cache, **cluster), "--dry-run", check=False)
+    assert bad.returncode == 2 and "cannot be split over 12 rank(s) x train.micro_batch_size 4" in bad.stderr
+    out = run_cli("submit", "configs/tiny.yaml", *_overrides(tmp_path, model_cache, **cluster, **{
+        "train.global_batch_size": 96}), "--dry-run")
     cmds = [shlex.split(c) for c in out.stdout.splitlines()]
     assert len(cmds) == 2
     first, second = cmds
@@ -255,3 +259,25 @@ def test_a_rank_killed_on_one_node_ends_the_job_and_the_resubmission_resumes(slu
     log = _log(tmp_path, f"stage-1-agnews-{again}.out")
     assert final["JobState"] == "COMPLETED", log[-3000:]
     assert f"resuming from {latest.parent / step}" in log
+
+
+def test_plain_srun_with_one_task_per_node_is_a_launcher(slurm_cluster, tmp_path, model_cache):
+    """A user's own batch script with `srun python -m trainer stage ...` and 2 tasks (no torchrun): each
+    task is one rank, they meet at the first node, and one 2-rank ZeRO-3 stage is trained."""
+    script = tmp_path / "own.sbatch"
+    o = _overrides(tmp_path, model_cache, **{"data.max_train_examples": 16, "data.max_eval_examples": 8,
+                                              "eval.val": False, "router.max_rows": 16})
+    script.write_text("#!/bin/bash\n#SBATCH --nodes=2\n#SBATCH --ntasks-per-node=1\n"
+                      f"#SBATCH --output={tmp_path}/own-%j.out\n"
+                      f"cd {REPO}\nsrun {sys.executable} -m trainer stage configs/tiny.yaml --stage 1 "
+                      + " ".join(shlex.quote(x) for x in o) + "\n")
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    job = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True, env=env,
+                         check=True).stdout.strip().split(";")[0]
+    state = _wait(job, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"))["JobState"]
+    log = "".join(p.read_text() for p in tmp_path.glob("own-*.out"))
+    assert state == "COMPLETED", log[-4000:]
+    manifest = json.loads((tmp_path / "run" / "stages" / "1-agnews" / "stage.json").read_text())
+    assert manifest["world_size"] == 2
+    assert (manifest["train"]["global_batch"], manifest["train"]["accumulation"]) == (8, 1)
+    assert "| 2 rank(s) |" in log and log.count("stage 1 written to") == 1  # printed by rank 0 alone

@@ -39,7 +39,7 @@ def worker(config: str, overrides: list[str], out: Path) -> None:
     adapter_ids = {id(p) for p in s.model.adapter_parameters().values()}
     rows = [tr.train_set.rows[i] for i in range(cfg.train.micro_batch_size)]
     batch = {k: v.to(strategy.device) for k, v in collate(rows, s.tokenizer.pad_token_id).items()}
-    for _ in range(cfg.train.grad_accum):
+    for _ in range(cfg.train.accumulation(1)):
         strategy.backward(tr.engine(batch["input_ids"], batch["attention_mask"], batch["labels"], s.task).loss)
     base = adapters = base_full = 0
     for p in s.model.parameters():

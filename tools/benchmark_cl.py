@@ -233,7 +233,7 @@ def main(argv=None) -> dict:
     table = summarize(runs, orders, methods)
     header = (f"Continual learning on MTL5, {Path(cfg.model.path).name if not cfg.model.path.startswith('builtin:') else cfg.model.path}, "
               f"{cfg.train.max_steps or cfg.train.epochs} {'steps' if cfg.train.max_steps else 'epochs'} of "
-              f"{cfg.train.micro_batch_size * cfg.train.grad_accum} per task, "
+              f"{cfg.train.global_batch(1)} per task, "
               f"{cfg.data.max_train_examples or 'all'} train / {cfg.data.max_eval_examples or 'all'} test rows per task, "
               f"seeds {','.join(map(str, seeds))} ({args.config})"
               + ("; task ids inferred by each run's router" if args.task_id == "inferred" else ""))

@@ -31,7 +31,8 @@ ADAPTER_VERBS = ("extract", "merge", "export", "predict", "inspect")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m trainer", description=__doc__,
+    prog = "moecl" if os.path.basename(sys.argv[0]) == "moecl" else "python -m trainer"
+    p = argparse.ArgumentParser(prog=prog, description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="verb", required=True)
     for verb, helptext in (("sequence", "train every stage of the order"), ("stage", "train one stage"),

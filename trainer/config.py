@@ -73,6 +73,35 @@ class ExpertsConfig:
 
 
 @dataclass
+class TaskSource:
+    """One task read from your own files through a `datasets` loader (trainer/sources.py). Name the columns
+    of one row kind: text + label (classification), instruction + output (+ input), or messages (chat)."""
+
+    train: str = ""
+    """A .json / .jsonl / .csv / .parquet file or a save_to_disk folder; relative to data.root."""
+    test: Optional[str] = None
+    """The test split's file; null: a DatasetDict's test split, else carved out of train (test_fraction)."""
+    format: Literal["auto", "json", "csv", "parquet", "disk"] = "auto"
+    """auto: from the file extension (a folder: save_to_disk)."""
+    text: Optional[str] = None
+    """Classification: the column with the text to classify."""
+    label: Optional[str] = None
+    """Classification: the label column, strings or integers indexing `labels`."""
+    labels: Optional[list[str]] = None
+    """Label names in order (needed for integer labels; default: a ClassLabel's names, else the sorted strings)."""
+    instruction: Optional[str] = None
+    """Instruction rows: the instruction column."""
+    input: Optional[str] = None
+    """Instruction rows: an optional input column, shown after the instruction."""
+    output: Optional[str] = None
+    """Instruction rows: the answer column (evaluated by exact match)."""
+    messages: Optional[str] = None
+    """Chat rows: a column of [{role: user, content}, {role: assistant, content}] lists."""
+    test_fraction: float = 0.1
+    """Share of train carved out as the test split when there is no test file (seeded by the task name)."""
+
+
+@dataclass
 class DataConfig:
     root: str = "data/mtl5"
     """Folder holding one sub-folder per task (CL_Benchmark JSON or instruction JSONL)."""
@@ -92,6 +121,9 @@ class DataConfig:
     """System message for chat templates; null keeps the template's default (SmolLM2 adds one)."""
     instructions: dict[str, str] = field(default_factory=dict)
     """Per-task instruction text, overriding the built-in ones for MTL5 tasks."""
+    tasks: dict[str, TaskSource] = field(default_factory=dict)
+    """Tasks read from your own files with a column mapping (JSON, JSONL, CSV, Parquet, save_to_disk), by
+    task name; the other tasks of the order are folders under data.root (README: your cluster, your data)."""
     cache_dir: str = "~/.cache/moe-cl/datasets"
     """Where tokenized datasets are cached (by content hash of data, tokenizer and template)."""
 
@@ -99,14 +131,28 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     lr: float = 2e-4
+    """Peak learning rate of the new task's expert, the gates and the discriminator."""
     weight_decay: float = 0.0
+    """AdamW weight decay of the trained parameters."""
     epochs: int = 1
+    """Passes over the task's train rows per stage (unless max_steps is set)."""
     max_steps: Optional[int] = None
     """Optimizer steps per stage; overrides `epochs` when set."""
     micro_batch_size: int = 4
+    """Rows per forward and backward pass on each rank."""
+    global_batch_size: Optional[int] = None
+    """Rows per optimizer step over all ranks. When set, the optimizer steps, the schedule and the result do
+    not change with the cluster: accumulation = global_batch_size / (micro_batch_size x ranks), which must be
+    a whole number. Null: micro_batch_size x grad_accum x ranks, which grows with the ranks."""
     grad_accum: int = 1
+    """Micro-batches per rank per optimizer step, used only when global_batch_size is null."""
+    min_steps: int = 20
+    """A stage with fewer optimizer steps than this warns (and records the warning): the learning-rate
+    schedule and checkpoint_every then hardly apply. Raise global batch or epochs, or lower this."""
     warmup_ratio: float = 0.06
+    """Share of a stage's optimizer steps with a linear learning-rate warmup."""
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    """Learning-rate decay after warmup, restarted at every stage."""
     min_lr_ratio: float = 0.0
     """The decay ends at lr * min_lr_ratio."""
     shared_expert_lr_scale: float = 1.0
@@ -115,7 +161,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     """Gradient clipping; 0 disables it."""
     log_every: int = 10
-    """Optimizer steps between TensorBoard points."""
+    """Optimizer steps between TensorBoard points (and progress lines when the output is not a terminal)."""
     checkpoint_every: int = 0
     """Optimizer steps between mid-stage checkpoints (RUN_DIR/checkpoints/); 0 = none."""
     resume: Literal["auto", "never"] = "auto"
@@ -123,6 +169,23 @@ class TrainConfig:
     activation_checkpointing: bool = False
     """Keep only each decoder layer's input during the training forward and recompute the layer in
     backward: less activation memory for ~one more forward per step. Same results (dropout included)."""
+
+    def accumulation(self, world_size: int) -> int:
+        """Micro-batches per rank per optimizer step on `world_size` ranks."""
+        if self.global_batch_size is None:
+            return self.grad_accum
+        per_pass = self.micro_batch_size * world_size
+        if self.global_batch_size % per_pass:
+            fits = [m for m in range(1, self.micro_batch_size) if self.global_batch_size % (m * world_size) == 0]
+            hint = (f"set train.micro_batch_size to {fits[-1]}" if fits else
+                    f"make train.global_batch_size a multiple of {world_size} ranks")
+            raise ConfigError(f"train.global_batch_size: {self.global_batch_size} rows per optimizer step cannot be "
+                              f"split over {world_size} rank(s) x train.micro_batch_size {self.micro_batch_size} = "
+                              f"{per_pass} rows per pass; {hint} (or run on fewer ranks)")
+        return self.global_batch_size // per_pass
+
+    def global_batch(self, world_size: int) -> int:
+        return self.micro_batch_size * self.accumulation(world_size) * world_size
 
 
 @dataclass
@@ -284,6 +347,17 @@ def validate(cfg: Config) -> list[str]:
         errs.append(f"slurm.gpus_per_node: must be >= 0, got {cfg.slurm.gpus_per_node}")
     if not re.match(r"^(\d+-)?\d{1,2}:\d{2}:\d{2}$", cfg.slurm.time):
         errs.append(f"slurm.time: {cfg.slurm.time!r} is not HH:MM:SS or D-HH:MM:SS")
+    if cfg.train.global_batch_size is not None:
+        if cfg.train.global_batch_size <= 0:
+            errs.append(f"train.global_batch_size: must be > 0 or null, got {cfg.train.global_batch_size}")
+        elif cfg.train.grad_accum != 1:
+            errs.append("train.grad_accum: leave it out when train.global_batch_size is set; the accumulation is "
+                        "derived from the global batch and the number of ranks")
+        elif cfg.train.global_batch_size % cfg.train.micro_batch_size:
+            errs.append(f"train.global_batch_size: {cfg.train.global_batch_size} is not a multiple of "
+                        f"train.micro_batch_size {cfg.train.micro_batch_size}")
+    if cfg.train.min_steps < 0:
+        errs.append(f"train.min_steps: must be >= 0 (0 never warns), got {cfg.train.min_steps}")
     if cfg.train.checkpoint_every < 0:
         errs.append("train.checkpoint_every: must be >= 0 (0 = no mid-stage checkpoints)")
     positive = {"experts.rank": cfg.experts.rank, "data.max_length": cfg.data.max_length,
@@ -318,6 +392,30 @@ def validate(cfg: Config) -> list[str]:
     unknown = sorted(set(cfg.data.instructions) - seen)
     if unknown:
         errs.append(f"data.instructions: {unknown} not in data.order {cfg.data.order}")
+    for name, src in cfg.data.tasks.items():
+        where = f"data.tasks.{name}"
+        if not src.train:
+            errs.append(f"{where}.train: required, the file or save_to_disk folder of the task's rows")
+        kinds = [k for k, cols in {"text + label": (src.text, src.label), "instruction + output": (src.instruction,
+                 src.output), "messages": (src.messages,)}.items() if any(cols)]
+        if len(kinds) != 1:
+            errs.append(f"{where}: name the columns of one row kind, text + label (classification), instruction + "
+                        f"output (+ input) or messages (chat); got {kinds or 'none'}")
+        elif kinds[0] == "text + label" and not (src.text and src.label):
+            errs.append(f"{where}: a classification task needs both text and label columns")
+        elif kinds[0] == "instruction + output" and not (src.instruction and src.output):
+            errs.append(f"{where}: an instruction task needs both instruction and output columns")
+        if src.input and not src.instruction:
+            errs.append(f"{where}.input: only instruction tasks have an input column")
+        if src.labels is not None and not src.text:
+            errs.append(f"{where}.labels: only classification tasks (text + label) have labels")
+        if src.labels is not None and (not src.labels or len(set(src.labels)) != len(src.labels)):
+            errs.append(f"{where}.labels: must be a non-empty list of distinct label names")
+        if not 0 < src.test_fraction < 1:
+            errs.append(f"{where}.test_fraction: must be in (0, 1), got {src.test_fraction}")
+    unknown = sorted(set(cfg.data.tasks) - seen)
+    if unknown:
+        errs.append(f"data.tasks: {unknown} not in data.order {cfg.data.order}")
     return errs
 
 
@@ -409,8 +507,14 @@ def _build(cls, raw: Any, prefix: str, errors: list[str]):
         if f.name not in raw:
             continue
         t = hints[f.name]
+        item = typing.get_args(t)[1] if typing.get_origin(t) is dict else None
         if dataclasses.is_dataclass(t):
             kwargs[f.name] = _build(t, raw[f.name], f"{prefix}{f.name}.", errors)
+        elif dataclasses.is_dataclass(item):  # a mapping of names to sections (data.tasks)
+            if not isinstance(raw[f.name], dict):
+                errors.append(f"{prefix}{f.name}: expected a mapping of names to sections, got {raw[f.name]!r}")
+                continue
+            kwargs[f.name] = {str(k): _build(item, v, f"{prefix}{f.name}.{k}.", errors) for k, v in raw[f.name].items()}
         else:
             ok, value = _coerce(raw[f.name], t)
             if ok:

@@ -1,6 +1,7 @@
 """Tasks: loading, validation, instruction formatting and tokenization.
 
-Two on-disk formats, one folder per task under `data.root`:
+Two folder formats, one folder per task under `data.root` (tasks of `data.tasks` are read from your own
+JSON / JSONL / CSV / Parquet / save_to_disk files with a column mapping instead: sources.py):
 
 - CL_Benchmark classification (MTL5, as O-LoRA/MoCL/MoE-CL ship it): `train.json` and `test.json`
   (a JSON list of `{"sentence": str, "label": str}`) and `labels.json` (the ordered label list).
@@ -69,6 +70,7 @@ class Task:
     test: list[dict] = field(repr=False)
     source: Path = Path()
     train_all: list[dict] = field(default_factory=list, repr=False)  # train before data.max_train_examples
+    provenance: dict | None = None  # a data.tasks source: its files, columns, and how the test split was made
 
     def router_rows(self, n: int, seed: int) -> list[dict]:
         """The training rows the task router's statistics are computed from: a seeded subset of `n` rows of
@@ -81,8 +83,13 @@ class Task:
 def load_tasks(cfg: DataConfig, seed: int) -> list[Task]:
     """Every task of `cfg.order`, validated, with its seeded validation split carved out of train."""
     root = Path(cfg.root).expanduser()
-    if not root.is_dir():
-        raise DataError(f"data.root: {root.resolve()} is not a folder")
+    if not root.is_dir() and set(cfg.order) - set(cfg.tasks):
+        hint = ""
+        if set(cfg.order) & set(INSTRUCTIONS):
+            hint = (f"; the full MTL5 benchmark is imported from a clone of the O-LoRA repository by "
+                    f"`python tools/import_mtl5.py O-LoRA/CL_Benchmark --out {cfg.root}`, and data/mtl5 holds a small "
+                    f"bundled subset (300 train / 150 test rows per task)")
+        raise DataError(f"data.root: {root.resolve()} is not a folder{hint}")
     dup = sorted({t for t in cfg.order if cfg.order.count(t) > 1})
     if dup:
         raise DataError(f"data.order: {dup} listed more than once; each task is learned in one stage")
@@ -90,8 +97,17 @@ def load_tasks(cfg: DataConfig, seed: int) -> list[Task]:
 
 
 def load_task(folder: Path, name: str, cfg: DataConfig, seed: int) -> Task:
-    if (folder / "train.json").exists() or (folder / "labels.json").exists():
-        task = _load_classification(folder, name, cfg)
+    if name in cfg.tasks:  # your own files through a column mapping
+        from .sources import load_source
+
+        src = load_source(name, cfg.tasks[name], cfg)
+        instruction = cfg.instructions.get(name) or GENERIC_INSTRUCTION if src["kind"] == "classification" else ""
+        task = Task(name, src["kind"], instruction, src["labels"], src["train"], [], src["test"],
+                    Path(src["provenance"]["train"]), provenance=src["provenance"])
+        if task.labels is not None and cfg.answer == "letter" and len(task.labels) > 26:
+            raise DataError(f"data.tasks.{name}: {len(task.labels)} labels are more than 26 letters; set data.answer=label")
+    elif (folder / "train.json").exists() or (folder / "labels.json").exists():
+        task = read_cl_benchmark(folder, name, cfg)
     elif (folder / "train.jsonl").exists():
         task = _load_generation(folder, name)
     else:
@@ -105,7 +121,8 @@ def load_task(folder: Path, name: str, cfg: DataConfig, seed: int) -> Task:
     rng.shuffle(order)
     n_val = max(1, round(cfg.val_fraction * len(order)))
     if len(order) - n_val < 1:
-        train_file = folder / ("train.json" if task.kind == "classification" else "train.jsonl")
+        train_file = task.source if name in cfg.tasks else folder / (
+            "train.json" if task.kind == "classification" else "train.jsonl")
         raise DataError(f"{train_file}: the train split has {len(order)} row(s), too few to hold out a validation "
                         f"split; add rows")
     task.val = [task.train[i] for i in order[:n_val]]
@@ -119,7 +136,8 @@ def load_task(folder: Path, name: str, cfg: DataConfig, seed: int) -> Task:
     return task
 
 
-def _load_classification(folder: Path, name: str, cfg: DataConfig) -> Task:
+def read_cl_benchmark(folder: Path, name: str, cfg: DataConfig) -> Task:
+    """A CL_Benchmark task folder (train.json, test.json, labels.json), validated; used by tools/import_mtl5.py too."""
     labels_path = folder / "labels.json"
     labels = _read_json(labels_path)
     if not (isinstance(labels, list) and labels):

@@ -16,6 +16,7 @@ import json
 import os
 import random
 import socket
+import subprocess
 import sys
 from datetime import timedelta
 from pathlib import Path
@@ -160,7 +161,7 @@ class LocalStrategy(Strategy):
 
     def setup(self, model, optimizer, scheduler, cfg):
         self.model, self.optimizer, self.scheduler = model.to(self.device), optimizer, scheduler
-        self.grad_accum, self.max_grad_norm = cfg.train.grad_accum, cfg.train.max_grad_norm
+        self.grad_accum, self.max_grad_norm = cfg.train.accumulation(1), cfg.train.max_grad_norm
         self.params = [p for g in optimizer.param_groups for p in g["params"]] if optimizer else []
         return model
 
@@ -230,7 +231,8 @@ class DeepSpeedStrategy(Strategy):
                                    timeout=timedelta(seconds=cfg.distributed.timeout_seconds))
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        if cuda:
+        if cuda:  # srun --gpus-per-task shows each rank its own GPU alone
+            local_rank %= torch.cuda.device_count()
             torch.cuda.set_device(local_rank)
         self.device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
         self.ds_config = build_ds_config(cfg, self.world_size)
@@ -383,16 +385,13 @@ def build_ds_config(cfg: Config, world_size: int) -> dict:
     The one place where batch sizes, accumulation, clipping and precision enter DeepSpeed, with
     train_batch_size == micro * world * accum checked here.
     """
-    path = Path(cfg.distributed.ds_config)
-    if not path.is_file():
-        raise ConfigError(f"distributed.ds_config: {path} not found (see ds_configs/ for zero3.json, "
-                                "zero3_offload.json, zero2.json)")
+    path = find_ds_config(cfg.distributed.ds_config)
     try:
         ds = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path}: line {e.lineno}: not valid JSON ({e.msg})") from None
     zero = ds.setdefault("zero_optimization", {})
-    micro, accum = cfg.train.micro_batch_size, cfg.train.grad_accum
+    micro, accum = cfg.train.micro_batch_size, cfg.train.accumulation(world_size)
     filled = {"train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": accum,
               "train_batch_size": micro * accum * world_size, "gradient_clipping": cfg.train.max_grad_norm,
               "bf16": {"enabled": resolve_dtype(cfg.model.dtype) == torch.bfloat16}}
@@ -400,7 +399,7 @@ def build_ds_config(cfg: Config, world_size: int) -> dict:
     for key in FILLED_KEYS:
         if key in ds and key in filled and ds[key] != filled[key]:
             errors.append(f"'{key}' is {ds[key]!r} but the experiment config gives {filled[key]!r} "
-                          f"(train.micro_batch_size={micro} x world {world_size} x train.grad_accum={accum}); "
+                          f"(train.micro_batch_size={micro} x world {world_size} x accumulation {accum}); "
                           "remove it from the DeepSpeed config, it is filled in from the experiment config")
     if "fp16" in ds and ds["fp16"].get("enabled"):
         errors.append("'fp16' is not supported (set model.dtype=bfloat16 for bf16 training)")
@@ -423,6 +422,19 @@ def build_ds_config(cfg: Config, world_size: int) -> dict:
     return ds
 
 
+def find_ds_config(name: str) -> Path:
+    """A DeepSpeed config: the path itself, else (relative) the copy shipped with the trainer: in the
+    repository beside trainer/, or under <prefix>/share/moe-cl/ after `pip install`."""
+    path = Path(name).expanduser()
+    candidates = [path] if path.is_absolute() else [
+        path, Path(__file__).resolve().parents[1] / path, Path(sys.prefix) / "share" / "moe-cl" / path]
+    for c in candidates:
+        if c.is_file():
+            return c
+    raise ConfigError(f"distributed.ds_config: {name} not found (looked in {', '.join(str(c) for c in candidates)}); "
+                      "ds_configs/ ships zero3.json, zero3_lowmem.json, zero3_offload.json and zero2.json")
+
+
 def resolve_dtype(name: str) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if torch.cuda.is_available() else torch.float32
@@ -430,13 +442,45 @@ def resolve_dtype(name: str) -> torch.dtype:
 
 
 def launched() -> bool:
-    """True under torchrun, the deepspeed launcher, or srun with the rendezvous variables set."""
+    """True under torchrun, the deepspeed launcher, or srun with several tasks (once `make_strategy` has
+    set the variables from `srun_ranks`)."""
     return "WORLD_SIZE" in os.environ and "RANK" in os.environ
+
+
+def srun_ranks(env) -> dict[str, str]:
+    """Under a plain `srun` step of several tasks (one process per rank, no torchrun), the rendezvous
+    variables that make each task one rank: rank and world from SLURM_PROCID and SLURM_STEP_NUM_TASKS,
+    local rank from SLURM_LOCALID, and the master at the step's first node on a port derived from the job
+    and step ids (MASTER_ADDR / MASTER_PORT, when set, are kept). Empty outside such a step: in a batch
+    script itself, or in an srun step of one task (which may be torchrun starting the ranks itself)."""
+    tasks = int(env.get("SLURM_STEP_NUM_TASKS") or 0)
+    if tasks <= 1 or "SLURM_PROCID" not in env:
+        return {}
+    out = {"RANK": env["SLURM_PROCID"], "WORLD_SIZE": str(tasks), "LOCAL_RANK": env.get("SLURM_LOCALID", "0")}
+    if "MASTER_ADDR" not in env:
+        nodes = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST", "")
+        try:
+            hosts = subprocess.run(["scontrol", "show", "hostnames", nodes], capture_output=True, text=True,
+                                   timeout=60, check=True).stdout.split()
+        except (OSError, subprocess.SubprocessError) as e:
+            raise ConfigError(f"srun with {tasks} tasks: cannot find the step's first node (`scontrol show hostnames "
+                              f"{nodes}` failed: {e}); set MASTER_ADDR, or launch with torchrun as "
+                              "slurm/stage.sbatch does") from None
+        out["MASTER_ADDR"] = hosts[0]
+    if "MASTER_PORT" not in env:
+        job, step = (int(v) if v.isdigit() else 0 for v in (env.get("SLURM_JOB_ID", ""), env.get("SLURM_STEP_ID", "")))
+        out["MASTER_PORT"] = str(20000 + (job * 16 + step) % 40000)
+    return out
 
 
 def make_strategy(cfg: Config | None = None, training: bool = False) -> Strategy:
     """The strategy for this process (see `distributed.strategy`); when `training`, it watches for stop
     signals (otherwise they keep their default effect: SIGTERM ends the process)."""
+    if cfg is not None and not launched() and (srun := srun_ranks(os.environ)):
+        if cfg.distributed.strategy == "local":
+            raise ConfigError(f"distributed.strategy=local, but srun started {srun['WORLD_SIZE']} tasks: each would "
+                              "train alone on the same run folder; use distributed.strategy=auto, or srun --ntasks=1")
+        os.environ.update(srun)  # plain `srun python -m trainer ...` with several tasks: one rank per task
     if cfg is not None and (cfg.distributed.strategy == "deepspeed" or
                             (cfg.distributed.strategy == "auto" and launched())):
         strategy = DeepSpeedStrategy(cfg)

@@ -83,6 +83,7 @@ def run_stage(cfg: Config, k: int, strategy: Strategy) -> tuple[StageRecord, dic
         strategy.print(f"stage {k} ({order[k - 1]}) is already complete in {run.stage_dir(k, order[k - 1])}; "
                        "nothing to do (delete that folder to train the stage again)")
         return run.require_stage(k, order), None
+    cfg.train.accumulation(strategy.world_size)  # a global batch the ranks cannot split fails before any loading
     s = setup_stage(cfg, k, strategy)
     tr = prepare_training(s, strategy)
     if strategy.is_main():
@@ -209,7 +210,8 @@ class Training:
     train_set: Encoded
     total: int
     per_epoch: int
-    global_batch: int
+    global_batch: int  # rows per optimizer step over all ranks
+    accum: int  # micro-batches per rank per optimizer step
     ckpt_dir: Path  # this stage's mid-stage checkpoints
     settings: dict  # what a checkpoint must agree on to be resumed (see _resume_settings)
 
@@ -226,13 +228,22 @@ def prepare_training(s: Setup, strategy: Strategy) -> Training:
     if tc.activation_checkpointing:
         checkpoint_layers(s.model)
     train_set = encode(s.fmt, s.tasks[s.task], "train", strategy)
-    global_batch = tc.micro_batch_size * tc.grad_accum * strategy.world_size
+    accum = tc.accumulation(strategy.world_size)
+    global_batch = tc.micro_batch_size * accum * strategy.world_size
     per_epoch = steps_per_epoch(len(train_set.rows), global_batch)
     if per_epoch == 0:
         raise DataError(f"task {s.task}: {len(train_set.rows)} train rows are fewer than one global batch "
-                         f"({tc.micro_batch_size} micro x {tc.grad_accum} accum x {strategy.world_size} ranks); "
-                         "lower train.micro_batch_size or train.grad_accum")
+                         f"({tc.micro_batch_size} micro x {accum} accumulation x {strategy.world_size} ranks); "
+                         "lower train.global_batch_size (or train.micro_batch_size / train.grad_accum)")
     total = tc.max_steps or tc.epochs * per_epoch
+    if tc.global_batch_size is None and strategy.world_size > 1:
+        strategy.print(f"note: train.global_batch_size is not set, so the global batch is {tc.micro_batch_size} micro "
+                       f"x {accum} accumulation x {strategy.world_size} ranks = {global_batch} rows and changes with "
+                       f"the number of ranks; set train.global_batch_size to keep it fixed")
+    if total < tc.min_steps:
+        strategy.print(f"warning: stage {s.k} ({s.task}) has only {total} optimizer step(s) ({len(train_set.rows)} rows, "
+                       f"{global_batch} per step, {tc.epochs if not tc.max_steps else 'max_steps'} epoch(s)), fewer than "
+                       f"train.min_steps={tc.min_steps}; lower train.global_batch_size or raise train.epochs")
     shared = {id(p) for p in s.model.shared_expert_parameters()}
     groups = [{"params": [p for p in params if id(p) in shared], "lr": tc.lr * tc.shared_expert_lr_scale},
               {"params": [p for p in params if id(p) not in shared], "lr": tc.lr}]
@@ -241,7 +252,7 @@ def prepare_training(s: Setup, strategy: Strategy) -> Training:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total, tc))
     n_trainable = sum(p.numel() for p in params)  # before setup: ZeRO-3 then leaves empty local views
     engine = strategy.setup(s.model, optimizer, scheduler, cfg)
-    return Training(engine, n_trainable, train_set, total, per_epoch, global_batch,
+    return Training(engine, n_trainable, train_set, total, per_epoch, global_batch, accum,
                     RunDir(cfg.run.dir).checkpoint_dir(s.k, s.task), _resume_settings(s, strategy.world_size))
 
 
@@ -252,8 +263,9 @@ def train_stage(s: Setup, tr: Training, strategy: Strategy, monitor: Monitor, st
     s.model.train()
     seed_everything(cfg.run.seed * 1000 + s.k)  # the same dropout draws whether or not a baseline ran
     start = _resume(strategy, tr.ckpt_dir, tr.settings, total) if tc.resume == "auto" else 0
-    strategy.print(f"training {s.task}: {len(train_set.rows)} rows, {total} steps of {tr.global_batch} "
-                   f"({tr.per_epoch} per epoch), {tr.n_trainable:,} trainable parameters"
+    strategy.print(f"training {s.task}: {len(train_set.rows)} rows, {total} optimizer steps of {tr.global_batch} rows "
+                   f"({tc.micro_batch_size} micro x {tr.accum} accumulation x {strategy.world_size} ranks; "
+                   f"{tr.per_epoch} steps per epoch), {tr.n_trainable:,} trainable parameters"
                    + (f", resuming at step {start}" if start else ""))
     pad = s.tokenizer.pad_token_id
     data_seed = cfg.run.seed * 1000 + s.k
@@ -265,13 +277,13 @@ def train_stage(s: Setup, tr: Training, strategy: Strategy, monitor: Monitor, st
     step_seconds = []
     for step in bar:
         t_step = time.time()
-        for rows in step_batches(len(train_set.rows), step, tc.micro_batch_size, tc.grad_accum,
+        for rows in step_batches(len(train_set.rows), step, tc.micro_batch_size, tr.accum,
                                  strategy.world_size, strategy.rank, data_seed):
             batch = collate([train_set.rows[i] for i in rows], pad)
             batch = {k: v.to(strategy.device) for k, v in batch.items()}
             out = engine(batch["input_ids"], batch["attention_mask"], batch["labels"], s.task)
             strategy.backward(out.loss)
-            _accumulate(window, out, 1 / tc.grad_accum)
+            _accumulate(window, out, 1 / tr.accum)
         grad_norm = strategy.optimizer_step()
         release_freed_memory()  # a step's activations are freed: give the pages back before the next one
         step_seconds.append(time.time() - t_step)
@@ -295,7 +307,8 @@ def train_stage(s: Setup, tr: Training, strategy: Strategy, monitor: Monitor, st
                               f"{total}; checkpoint in {tr.ckpt_dir}; run the stage again to continue")
         if tc.checkpoint_every and ((step + 1) % tc.checkpoint_every == 0 or step + 1 == total):
             save_checkpoint(s, tr, strategy, step + 1)  # also after the last step: evaluation may be cut short
-    return {"steps": total, "resumed_at": start, "seconds": time.time() - t_start, "rows": len(train_set.rows),
+    return {"steps": total, "global_batch": tr.global_batch, "accumulation": tr.accum,
+            "below_min_steps": total < tc.min_steps, "resumed_at": start, "seconds": time.time() - t_start, "rows": len(train_set.rows),
             "first_logged_task_loss": first_loss, "last_logged_task_loss": last_loss,
             "trainable_parameters": tr.n_trainable, "step_seconds": [round(t, 3) for t in step_seconds]}
 
@@ -368,7 +381,8 @@ def _resume_settings(s: Setup, world_size: int) -> dict:
     longer walltime, or a run folder moved elsewhere, resumes."""
     c = to_dict(s.cfg)
     train = {k: v for k, v in c["train"].items()
-             if k not in ("checkpoint_every", "resume", "log_every", "activation_checkpointing")}
+             if k not in ("checkpoint_every", "resume", "log_every", "activation_checkpointing", "min_steps")
+             and not (k == "global_batch_size" and v is None)}  # as checkpoints written before it read
     data = {k: v for k, v in c["data"].items() if k not in ("root", "cache_dir", "max_eval_examples")}
     rows = hashlib.sha256(json.dumps(s.tasks[s.task].train, sort_keys=True).encode()).hexdigest()
     what = {"model": {k: c["model"][k] for k in ("path", "dtype")}, "experts": c["experts"], "data": data,
@@ -543,6 +557,7 @@ def save_stage(s: Setup, strategy: Strategy, baseline: dict, test_acc: dict, val
                 "eval": {"test_accuracy": test_acc, "val_accuracy": val, "task_id": s.cfg.eval.task_id,
                          **(routed or {})},
                 "router": {"layer": router.layer, "rows": router.count, "seconds": round(router_seconds, 3)},
+                "data": {t: task.provenance for t, task in s.tasks.items() if task.provenance},  # data.tasks sources
                 "baseline": baseline,
                 "files": {ADAPTERS: sha, ROUTER: router_sha},
                 "previous": ({"stage": s.previous.index, "sha256": s.previous.manifest["files"][ADAPTERS]}

@@ -64,6 +64,8 @@ def sbatch_command(cfg: Config, k: int, config_file: Path, after: str | None, en
 
 def submit(cfg: Config, dry_run: bool = False) -> list[str]:
     """Submit every incomplete stage; returns the job ids in stage order (the commands when dry_run)."""
+    sc = cfg.slurm
+    cfg.train.accumulation(sc.nodes * (sc.gpus_per_node or sc.procs_per_node))  # before any job is queued
     run = RunDir(cfg.run.dir)
     order = cfg.data.order
     done = len(run.completed(order))
