@@ -4,7 +4,7 @@ import pytest
 
 from trainer.config import ConfigError, dump_yaml, from_dict, load_config, to_dict
 
-from .conftest import REPO
+from .conftest import REPO, run_cli
 
 
 def test_shipped_configs_load():
@@ -112,3 +112,42 @@ def test_global_batch_size_and_grad_accum_conflicts_are_config_errors():
     assert "train.min_steps: must be >= 0" in str(e.value)
     with pytest.raises(ConfigError, match="train.global_batch_size: 10 is not a multiple of train.micro_batch_size 4"):
         load_config(REPO / "configs" / "tiny.yaml", ["train.global_batch_size=10"])
+
+
+def test_config_verb_lists_every_field_and_prints_the_resolved_config(tmp_path):
+    import dataclasses
+
+    from trainer.config import Config
+
+    ref = run_cli("config").stdout
+    sections = [f for f in dataclasses.fields(Config)]
+    for sec in sections:
+        for f in dataclasses.fields(sec.default_factory()):
+            assert f"  {sec.name}.{f.name}: " in ref, f"{sec.name}.{f.name} missing from `config`"
+    assert "  train.global_batch_size: int or null = null\n      Rows per optimizer step over all ranks." in ref
+    assert "  data.tasks.<task>.label: str or null = null" in ref
+    # every field documented: a field line is followed by its indented docstring
+    lines = ref.splitlines()
+    bare = [a for a, b in zip(lines, lines[1:] + [""]) if a.startswith("  ") and not a.startswith("    ")
+            and not b.startswith("      ")]
+    assert not bare, f"fields without a docstring: {bare}"
+    resolved = run_cli("config", "configs/tiny.yaml", "train.lr=1e-4").stdout
+    again = tmp_path / "resolved.yaml"
+    again.write_text(resolved)
+    assert to_dict(load_config(again)) == to_dict(load_config(REPO / "configs" / "tiny.yaml", ["train.lr=1e-4"]))
+    bad = run_cli("config", "configs/tiny.yaml", "train.lr=fast", check=False)
+    assert bad.returncode == 2 and "train.lr: expected float, got 'fast'" in bad.stderr
+
+
+def test_every_argument_of_every_verb_has_help():
+    import argparse
+
+    from trainer.cli import build_parser
+
+    parser = build_parser()
+    verbs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    missing = [f"{verb} {a.dest}" for verb, sp in verbs.choices.items() for a in sp._actions
+               if not isinstance(a, argparse._HelpAction) and not a.help]
+    assert not missing, missing
+    assert set(verbs.choices) == {"config", "sequence", "stage", "evaluate", "submit", "report", "extract", "merge",
+                                  "export", "predict", "inspect"}

@@ -248,6 +248,27 @@ def test_ds_config_errors_are_clear(tmp_path, model_cache):
     assert "offload_param needs stage 3" in proc.stderr
 
 
+def test_float16_trains_under_deepspeed_loss_scaling_and_local_float16_training_is_refused(tmp_path, model_cache):
+    """model.dtype=float16 (GPUs without bf16): DeepSpeed's fp16 with dynamic loss scaling under ZeRO-3;
+    the saved adapters are float32 masters, finite, trained, and within float16's error of the float32 run."""
+    o = {"distributed.strategy": "deepspeed", "eval.val": False}
+    run_cli("stage", "configs/tiny.yaml", *_overrides(tmp_path, model_cache, "half", **o, **{"model.dtype": "float16"}),
+            "--stage", "1")
+    run_cli("stage", "configs/tiny.yaml", *_overrides(tmp_path, model_cache, "full", **o, **{"model.dtype": "float32"}),
+            "--stage", "1")
+    half, full = _adapters(tmp_path, "half"), _adapters(tmp_path, "full")
+    assert half.keys() == full.keys()
+    assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in half.values())
+    assert all(torch.count_nonzero(half[k]) for k in half if k.endswith("lora_b"))  # every step-size B moved
+    for k in half:
+        assert (half[k] - full[k]).abs().max() <= 0.05 * full[k].abs().max(), k
+    m = _manifest(tmp_path, "half")
+    assert m["config"]["model"]["dtype"] == "float16" and m["train"]["overflow_skipped_steps"] < m["train"]["steps"]
+    local = run_cli("stage", "configs/tiny.yaml", *_overrides(tmp_path, model_cache, "local", **{
+        "model.dtype": "float16", "distributed.strategy": "local"}), "--stage", "1", check=False)
+    assert local.returncode == 2 and "training in float16 needs DeepSpeed's dynamic loss scaling" in local.stderr
+
+
 def test_zero2_bf16_restores_adapters_at_their_fp32_values(tmp_path, model_cache, tiny_llama_dir):
     """ZeRO-2 with bf16 casts every parameter to bf16 before building the fp32 masters; the restored
     adapters' fp32 values must still be what stage 2 starts from. Stage 2 runs at lr 1e-30 (an Adam step

@@ -150,11 +150,17 @@ def test_a_run_on_own_csv_and_chat_files_records_where_its_data_came_from(tmp_pa
                                              {"role": "assistant", "content": r["label"]}]}) + "\n")
     tasks = ("data.tasks={news: {train: n.csv, text: body, label: topic}, "
              "chat: {train: chat.jsonl, messages: messages, test_fraction: 0.1}}")
-    run_cli("sequence", "configs/tiny.yaml", f"run.dir={tmp_path / 'run'}", f"model.cache_dir={model_cache}",
+    proc = run_cli("sequence", "configs/tiny.yaml", f"run.dir={tmp_path / 'run'}", f"model.cache_dir={model_cache}",
             f"data.cache_dir={tmp_path / 'cache'}", f"data.root={tmp_path}", "data.order=[news,chat]", tasks,
-            "data.max_eval_examples=4", "eval.max_new_tokens=4", "eval.val=false", "train.max_steps=2")
+            "data.max_eval_examples=4", "eval.max_new_tokens=4", "eval.val=false", "train.max_steps=2",
+            "train.log_every=1", "train.min_steps=3")
+    out = proc.stdout
+    # not a terminal: plain progress lines, no tqdm bar; and the warning about too few optimizer steps
+    assert "step 2/2 of stage 1 (news): loss " in out and "\r" not in out + proc.stderr and "it/s" not in proc.stderr
+    assert "warning: stage 1 (news) has only 2 optimizer step(s)" in out
     manifest = json.loads((tmp_path / "run" / "stages" / "2-chat" / "stage.json").read_text())
     assert manifest["data"]["news"]["columns"] == {"text": "body", "label": "topic"}
     assert manifest["data"]["chat"]["test"].startswith("carved from train: 4 of 40 rows")
     assert set(manifest["eval"]["test_accuracy"]) == {"news", "chat"}
     assert manifest["config"]["data"]["tasks"]["chat"]["messages"] == "messages"
+    assert manifest["train"]["below_min_steps"] is True and manifest["train"]["steps"] == 2

@@ -40,7 +40,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 # The trainer's progress lines that start a phase: the base is loaded when "stage K/N:" appears.
 PHASES = (("stage ", "setup"), ("evaluating", "evaluate"), ("training ", "train"), ("saving stage", "save"))
-PROGRESS = re.compile(r"\d+/\d+ \[[0-9:?]+<")  # a tqdm bar: "3/4 [00:01<00:00"
+PROGRESS = re.compile(r"^step \d+/\d+ of stage ")  # the trainer's progress lines when not on a terminal
 # Stage-1 variants measured beside the rehearsal config (which has activation checkpointing on).
 VARIANTS = {"offload": ["distributed.ds_config=ds_configs/zero3_offload.json"],
             "no_activation_checkpointing": ["train.activation_checkpointing=false"],

@@ -1,5 +1,6 @@
-"""Command line: `python -m trainer <verb> ...`.
+"""Command line: `python -m trainer <verb> ...`, or `moecl <verb> ...` once installed (`pip install .`).
 
+    config [CONFIG [key=value ...]]            every config field (type, default, meaning), or the resolved config
     sequence CONFIG [key=value ...]            every stage of data.order, skipping complete ones
     stage CONFIG --stage K [key=value ...]     one stage, from stage K-1's output (one SLURM job)
     evaluate CONFIG [--stage K] [key=value]    accuracy of stage K's experts (0 = untrained) per task
@@ -32,7 +33,8 @@ ADAPTER_VERBS = ("extract", "merge", "export", "predict", "inspect")
 
 def build_parser() -> argparse.ArgumentParser:
     prog = "moecl" if os.path.basename(sys.argv[0]) == "moecl" else "python -m trainer"
-    p = argparse.ArgumentParser(prog=prog, description=__doc__,
+    p = argparse.ArgumentParser(prog=prog, description=__doc__, epilog=f"Every config field, its type, default and "
+                                f"meaning: {prog} config. The resolved config of a file: {prog} config FILE [key=value ...].",
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="verb", required=True)
     for verb, helptext in (("sequence", "train every stage of the order"), ("stage", "train one stage"),
@@ -44,47 +46,50 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--stage", type=int, required=True, help="1-based stage index in data.order")
         if verb == "evaluate":
             sp.add_argument("--stage", type=int, default=None, help="stage whose experts to load (default: last complete; 0: untrained)")
-            sp.add_argument("--split", choices=("test", "val"), default="test")
+            sp.add_argument("--split", choices=("test", "val"), default="test", help="which split to evaluate")
             sp.add_argument("--json", action="store_true", help="print a JSON object instead of a line per task")
+    sp = sub.add_parser("config", help="list every config field, or print the resolved config of a file + overrides")
+    sp.add_argument("config", nargs="?", help="experiment YAML; without it, the reference of every field is printed")
+    sp.add_argument("overrides", nargs="*", help="dotted overrides applied to the file, e.g. train.lr=1e-4")
     sp = sub.add_parser("submit", help="submit every incomplete stage to SLURM, one chained job per stage")
-    sp.add_argument("config")
-    sp.add_argument("overrides", nargs="*")
+    sp.add_argument("config", help="experiment YAML; its slurm section sets nodes, GPUs, partition, walltime")
+    sp.add_argument("overrides", nargs="*", help="dotted overrides, e.g. slurm.nodes=2 slurm.account=PROJ")
     sp.add_argument("--dry-run", action="store_true", help="print the sbatch commands instead of running them")
     sp = sub.add_parser("report", help="print and write a run's accuracy matrix and metrics")
-    sp.add_argument("run_dir")
+    sp.add_argument("run_dir", help="the run folder (run.dir), holding stages/")
     src = "a run folder, stage folder, mid-stage checkpoint folder or bundle"
     sp = sub.add_parser("extract", help="one expert as a PEFT LoRA adapter folder")
     sp.add_argument("source", help=src)
     sp.add_argument("--expert", required=True, help="'shared' or a learned task's name")
-    sp.add_argument("--out", required=True)
+    sp.add_argument("--out", required=True, help="folder to write the PEFT adapter to")
     sp.add_argument("--base", help="base model folder (default: the one the run used, checked by fingerprint)")
     sp = sub.add_parser("merge", help="fold experts into the base: a plain Hugging Face model folder")
     sp.add_argument("source", help=src)
     which = sp.add_mutually_exclusive_group(required=True)
     which.add_argument("--expert", help="fold this one expert in (exact)")
     which.add_argument("--task", help="fold the shared + this task's experts in at their mean gate (approximate)")
-    sp.add_argument("--out", required=True)
-    sp.add_argument("--base")
+    sp.add_argument("--out", required=True, help="folder to write the merged Hugging Face model to")
+    sp.add_argument("--base", help="base model folder (default: the one the run used, checked by fingerprint)")
     sp.add_argument("--calibration-rows", type=int, default=64, help="training rows for the mean gate (--task)")
     sp = sub.add_parser("export", help="a self-contained serving bundle for some or all tasks")
     sp.add_argument("source", help=src)
-    sp.add_argument("--out", required=True)
+    sp.add_argument("--out", required=True, help="folder to write the bundle to")
     sp.add_argument("--tasks", help="comma-separated task names (default: every learned task)")
-    sp.add_argument("--base")
+    sp.add_argument("--base", help="base model folder (default: the one the run used, checked by fingerprint)")
     sp = sub.add_parser("predict", help="serve a bundle on a JSONL file of requests")
-    sp.add_argument("--bundle", required=True)
+    sp.add_argument("--bundle", required=True, help="a bundle folder written by export")
     sp.add_argument("--input", required=True,
                     help='JSONL file, or - for standard input: {"task"?, "sentence" | "text"} or {"task"?, "instruction", '
                          '"input"?}; a request without "task" is routed to a learned task by the bundle\'s router')
     sp.add_argument("--output", help="JSONL with a 'prediction' per request (default: print)")
-    sp.add_argument("--base")
-    sp.add_argument("--batch-size", type=int, default=16)
+    sp.add_argument("--base", help="base model folder (default: the one the bundle names, checked by fingerprint)")
+    sp.add_argument("--batch-size", type=int, default=16, help="requests per forward")
     sp.add_argument("--max-new-tokens", type=int, default=32, help="greedy budget of generated answers")
     sp.add_argument("--fallback", choices=("base", "routed"),
                     help="who serves a routed request of low confidence (default: the bundle's router.fallback)")
     sp = sub.add_parser("inspect", help="what a run, stage, checkpoint or bundle holds")
     sp.add_argument("source", help=src)
-    sp.add_argument("--json", action="store_true")
+    sp.add_argument("--json", action="store_true", help="print a JSON object instead of text")
     return p
 
 
@@ -116,6 +121,11 @@ def main(argv: list[str] | None = None) -> int:
                 return 0 if recipe.report(args.run_dir, None, strategy, write=False) is not None else 1
         if args.verb in ADAPTER_VERBS:
             return adapter_verb(args, make_strategy(None))
+        if args.verb == "config":
+            from .config import dump_yaml, reference
+
+            print(reference() if args.config is None else dump_yaml(load_config(args.config, args.overrides)), end="")
+            return 0
         cfg = load_config(args.config, args.overrides)
         if args.verb == "submit":
             from .slurm import submit

@@ -38,9 +38,10 @@ class RunConfig:
 class ModelConfig:
     path: str = ""
     """A local Hugging Face folder, or `builtin:<name>` (tiny-llama, tiny-qwen2, smollm2-135m-instruct)."""
-    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """Dtype of the frozen base: auto = bfloat16 on GPU, float32 on CPU. Under DeepSpeed it is also
-    the training precision (bf16 on); expert, gate and discriminator master weights stay float32."""
+    the training precision; expert, gate and discriminator master weights and optimizer state stay
+    float32. float16 (GPUs without bf16: V100, T4) needs DeepSpeed, for its dynamic loss scaling."""
     trust_remote_code: bool = False
     """Passed to `from_pretrained`; off unless you trust the model folder's code."""
     cache_dir: str = "~/.cache/moe-cl/models"
@@ -191,6 +192,7 @@ class TrainConfig:
 @dataclass
 class EvalConfig:
     batch_size: int = 16
+    """Rows per evaluation forward (per rank)."""
     max_new_tokens: int = 32
     """Greedy decoding budget for generative (JSONL) tasks."""
     val: bool = True
@@ -243,24 +245,32 @@ class SlurmConfig:
     """How `python -m trainer submit` asks SLURM for each stage job (one job per stage, chained)."""
 
     nodes: int = 1
+    """Nodes per stage job (sbatch --nodes)."""
     gpus_per_node: int = 0
     """Ranks per node = GPUs per node; 0 runs `procs_per_node` CPU ranks per node instead."""
     procs_per_node: int = 1
     """CPU ranks per node when gpus_per_node is 0."""
     partition: Optional[str] = None
+    """sbatch --partition; null: the cluster's default."""
     account: Optional[str] = None
+    """sbatch --account; null: your default account."""
     time: str = "04:00:00"
     """Walltime per stage job (HH:MM:SS or D-HH:MM:SS)."""
     signal_seconds: int = 300
     """USR1 this long before the walltime: the trainer checkpoints and the job requeues itself.
     Must cover one training step plus writing a checkpoint."""
     cpus_per_task: Optional[int] = None
+    """sbatch --cpus-per-task (one task per node runs all its ranks); also passed to srun."""
     mem: Optional[str] = None
+    """sbatch --mem per node, e.g. "480G"; null: the partition's default."""
     job_name: str = "moecl"
+    """Job name prefix; each stage job is named <job_name>-<stage>-<task>."""
     extra: list[str] = field(default_factory=list)
     """Further sbatch options, e.g. ["--qos=high", "--constraint=a100"]."""
     setup: list[str] = field(default_factory=list)
-    """Shell lines run before the launch on the head node, e.g. ["module load cuda/12.1"]."""
+    """Shell lines the batch script sources before it starts the ranks, e.g. ["module load cuda/12.1",
+    "source .venv/bin/activate"]. They run in the batch shell on the job's first node only; what they export
+    reaches every node's ranks through srun's environment, other effects do not."""
     python: Optional[str] = None
     """Python on the compute nodes; default: the one running `submit`."""
 
@@ -417,6 +427,42 @@ def validate(cfg: Config) -> list[str]:
     if unknown:
         errs.append(f"data.tasks: {unknown} not in data.order {cfg.data.order}")
     return errs
+
+
+def reference() -> str:
+    """Every field of the schema: `section.field: type = default`, then its docstring (`python -m trainer config`)."""
+    import ast
+    import inspect
+    import textwrap
+
+    lines = []
+
+    def walk(cls, prefix: str) -> None:
+        docs, tree = {}, ast.parse(textwrap.dedent(inspect.getsource(cls)))
+        body = tree.body[0].body
+        for a, b in zip(body, body[1:]):
+            if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant):
+                docs[a.target.id] = " ".join(b.value.value.split())
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            t = hints[f.name]
+            if dataclasses.is_dataclass(t):
+                own_doc = t.__doc__ and not t.__doc__.startswith(t.__name__ + "(")  # not the generated signature
+                lines.append(f"\n{prefix}{f.name}:" + (f"  {' '.join(t.__doc__.split())}" if own_doc else ""))
+                walk(t, f"{prefix}{f.name}.")
+                continue
+            item = typing.get_args(t)[1] if typing.get_origin(t) is dict else None
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            lines.append(f"  {prefix}{f.name}: {_type_name(t) if not dataclasses.is_dataclass(item) else 'a mapping of task names to sections'}"
+                         f" = {yaml.safe_dump(default, default_flow_style=True).strip().removesuffix('...').strip()}")
+            if f.name in docs:
+                lines.extend(textwrap.wrap(docs[f.name], 100, initial_indent="      ", subsequent_indent="      "))
+            if dataclasses.is_dataclass(item):
+                lines.append(f"      each {prefix}{f.name}.<task> section:")
+                walk(item, f"{prefix}{f.name}.<task>.")
+
+    walk(Config, "")
+    return "\n".join(lines).lstrip("\n") + "\n"
 
 
 def to_dict(cfg: Config) -> dict:

@@ -126,6 +126,10 @@ class Strategy:
         """End of an optimizer step (after `grad_accum` backwards); returns the gradient norm."""
         raise NotImplementedError
 
+    def skipped_steps(self) -> int:
+        """Optimizer steps skipped so far because float16 gradients overflowed (the loss scale then halves)."""
+        return 0
+
     def full_tensors(self, named: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
         """Full float32 CPU copies of the given parameters (a collective under ZeRO-3: call on every rank)."""
         return {k: p.detach().float().cpu().clone() for k, p in named.items()}
@@ -302,7 +306,7 @@ class DeepSpeedStrategy(Strategy):
             optimizer = DeepSpeedCPUAdam(groups, adamw_mode=True)
             scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, scheduler.lr_lambdas[0])
         fp32 = ([(p, p.detach().clone()) for g in optimizer.param_groups for p in g["params"]]
-                if self.ds_config["bf16"]["enabled"] else [])
+                if self.ds_config["bf16"]["enabled"] or self.ds_config["fp16"]["enabled"] else [])
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                     config=self.ds_config, dist_init_required=False)
         _keep_fp32_masters(fp32)
@@ -330,6 +334,9 @@ class DeepSpeedStrategy(Strategy):
         # weights (with clipping and the LR schedule) at the accumulation boundary.
         self.engine.backward(loss)
         self.engine.step()
+
+    def skipped_steps(self):
+        return int(self.engine.skipped_steps)
 
     def optimizer_step(self):
         norm = self.engine.get_global_grad_norm()
@@ -394,15 +401,16 @@ def build_ds_config(cfg: Config, world_size: int) -> dict:
     micro, accum = cfg.train.micro_batch_size, cfg.train.accumulation(world_size)
     filled = {"train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": accum,
               "train_batch_size": micro * accum * world_size, "gradient_clipping": cfg.train.max_grad_norm,
-              "bf16": {"enabled": resolve_dtype(cfg.model.dtype) == torch.bfloat16}}
+              "bf16": {"enabled": resolve_dtype(cfg.model.dtype) == torch.bfloat16},
+              # float16: dynamic loss scaling (start at 2^16, halve on overflow and skip that step)
+              "fp16": {"enabled": resolve_dtype(cfg.model.dtype) == torch.float16, "loss_scale": 0,
+                       "initial_scale_power": 16, "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1}}
     errors = []
     for key in FILLED_KEYS:
         if key in ds and key in filled and ds[key] != filled[key]:
             errors.append(f"'{key}' is {ds[key]!r} but the experiment config gives {filled[key]!r} "
                           f"(train.micro_batch_size={micro} x world {world_size} x accumulation {accum}); "
                           "remove it from the DeepSpeed config, it is filled in from the experiment config")
-    if "fp16" in ds and ds["fp16"].get("enabled"):
-        errors.append("'fp16' is not supported (set model.dtype=bfloat16 for bf16 training)")
     if "optimizer" in ds or "scheduler" in ds:
         errors.append("'optimizer'/'scheduler' sections are not used: AdamW and the LR schedule come from train.*")
     stage = zero.get("stage", 0)
@@ -438,7 +446,7 @@ def find_ds_config(name: str) -> Path:
 def resolve_dtype(name: str) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
 def launched() -> bool:
@@ -485,6 +493,9 @@ def make_strategy(cfg: Config | None = None, training: bool = False) -> Strategy
                             (cfg.distributed.strategy == "auto" and launched())):
         strategy = DeepSpeedStrategy(cfg)
     else:
+        if training and resolve_dtype(cfg.model.dtype) == torch.float16:
+            raise ConfigError("model.dtype=float16: training in float16 needs DeepSpeed's dynamic loss scaling; set "
+                              "distributed.strategy=deepspeed (or start under a launcher), or use bfloat16 / float32")
         strategy = LocalStrategy()
     if training:
         strategy.watch_stop_signals(checkpointing=cfg.train.checkpoint_every > 0)

@@ -23,7 +23,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from . import atomic, checkpoint, runlock
 from .base import base_fingerprint, load_base
@@ -34,7 +33,7 @@ from .distributed import Interrupted, Strategy, rng_state, set_rng_state
 from .evaluate import evaluate
 from .metrics import cl_metrics, format_table, heatmap
 from .model import MoECLModel, checkpoint_layers
-from .monitor import Monitor
+from .monitor import Monitor, Progress
 from .router import ROUTER, Router, gather_features, request_ids, request_text
 
 
@@ -272,10 +271,9 @@ def train_stage(s: Setup, tr: Training, strategy: Strategy, monitor: Monitor, st
     window: dict[str, float] = {}
     first_loss = last_loss = None
     t_start = t_window = time.time()
-    bar = tqdm(range(start, total), initial=start, total=total, desc=f"stage {s.k} {s.task}",
-               disable=not strategy.is_main(), dynamic_ncols=True)
+    progress = Progress(start, total, f"stage {s.k} ({s.task})", strategy.is_main())
     step_seconds = []
-    for step in bar:
+    for step in range(start, total):
         t_step = time.time()
         for rows in step_batches(len(train_set.rows), step, tc.micro_batch_size, tr.accum,
                                  strategy.world_size, strategy.rank, data_seed):
@@ -289,6 +287,7 @@ def train_stage(s: Setup, tr: Training, strategy: Strategy, monitor: Monitor, st
         step_seconds.append(time.time() - t_step)
         window["grad_norm"] = window.get("grad_norm", 0.0) + grad_norm
         window["steps"] = window.get("steps", 0) + 1
+        progress.step()
         if (step + 1) % tc.log_every == 0 or step + 1 == total:
             means = _window_means(window, strategy)
             now = time.time()
@@ -299,7 +298,7 @@ def train_stage(s: Setup, tr: Training, strategy: Strategy, monitor: Monitor, st
             monitor.scalars(step0 + step + 1, {f"gate_shared/layer_{k.split('_')[-1]}": v
                                                for k, v in means.items() if k.startswith("gate")})
             monitor.scalars(step0 + step + 1, {"train/lr": strategy.lr()})
-            bar.set_postfix(loss=f"{means['task_loss']:.3f}", disc=f"{means.get('disc_loss', 0):.3f}")
+            progress.log(step + 1, means["task_loss"], means.get("disc_loss"), strategy.lr())
             window, t_window = {}, now
         if strategy.stop_requested():  # SIGUSR1 (walltime near) or SIGTERM, on any rank
             save_checkpoint(s, tr, strategy, step + 1)
@@ -307,7 +306,9 @@ def train_stage(s: Setup, tr: Training, strategy: Strategy, monitor: Monitor, st
                               f"{total}; checkpoint in {tr.ckpt_dir}; run the stage again to continue")
         if tc.checkpoint_every and ((step + 1) % tc.checkpoint_every == 0 or step + 1 == total):
             save_checkpoint(s, tr, strategy, step + 1)  # also after the last step: evaluation may be cut short
+    progress.close()
     return {"steps": total, "global_batch": tr.global_batch, "accumulation": tr.accum,
+            "overflow_skipped_steps": strategy.skipped_steps(),  # float16: steps skipped by loss scaling
             "below_min_steps": total < tc.min_steps, "resumed_at": start, "seconds": time.time() - t_start, "rows": len(train_set.rows),
             "first_logged_task_loss": first_loss, "last_logged_task_loss": last_loss,
             "trainable_parameters": tr.n_trainable, "step_seconds": [round(t, 3) for t in step_seconds]}
