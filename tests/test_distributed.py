@@ -251,7 +251,7 @@ def test_ds_config_errors_are_clear(tmp_path, model_cache):
 def test_float16_trains_under_deepspeed_loss_scaling_and_local_float16_training_is_refused(tmp_path, model_cache):
     """model.dtype=float16 (GPUs without bf16): DeepSpeed's fp16 with dynamic loss scaling under ZeRO-3;
     the saved adapters are float32 masters, finite, trained, and within float16's error of the float32 run."""
-    o = {"distributed.strategy": "deepspeed", "eval.val": False}
+    o = {"distributed.strategy": "deepspeed", "eval.val": False, "data.max_eval_examples": 4, "router.max_rows": 8}
     run_cli("stage", "configs/tiny.yaml", *_overrides(tmp_path, model_cache, "half", **o, **{"model.dtype": "float16"}),
             "--stage", "1")
     run_cli("stage", "configs/tiny.yaml", *_overrides(tmp_path, model_cache, "full", **o, **{"model.dtype": "float32"}),

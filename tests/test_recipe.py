@@ -167,7 +167,8 @@ def test_failed_stage_keeps_previous_output(tmp_path, model_cache):
     run_cli("stage", "configs/tiny.yaml", *o, "--stage", "1")
     stage1 = tmp_path / "run" / "stages" / "1-agnews"
     before = {p.name: sha256_file(p) for p in stage1.iterdir()}
-    bad = run_cli("stage", "configs/tiny.yaml", *o, "train.micro_batch_size=64", "--stage", "2", check=False)
+    bad = run_cli("stage", "configs/tiny.yaml", *o, "train.micro_batch_size=64", "train.global_batch_size=64", "--stage", "2",
+                  check=False)
     assert bad.returncode != 0 and "fewer than one global batch" in bad.stderr
     assert {p.name: sha256_file(p) for p in stage1.iterdir()} == before
     assert [p.name for p in stage1.parent.iterdir()] == ["1-agnews"]  # no stage 2, no leftovers

@@ -33,7 +33,7 @@ def worker(config: str, overrides: list[str], out: Path) -> None:
     from trainer.recipe import prepare_training, setup_stage
 
     cfg = load_config(config, overrides + ["distributed.strategy=deepspeed", "data.max_eval_examples=1"])
-    strategy = DeepSpeedStrategy(cfg)
+    strategy = DeepSpeedStrategy(cfg, training=True)
     s = setup_stage(cfg, 1, strategy)
     tr = prepare_training(s, strategy)
     adapter_ids = {id(p) for p in s.model.adapter_parameters().values()}

@@ -216,9 +216,10 @@ class DeepSpeedStrategy(Strategy):
     `from_pretrained`, so no rank ever holds all of it); experts, gates and discriminators are
     added afterwards and partitioned by `deepspeed.initialize`. The optimizer is a plain
     `torch.optim.AdamW` over the trainable parameters (DeepSpeed's CPU Adam with optimizer offload).
+    When `training`, train.global_batch_size must split over the ranks; evaluation runs on any number.
     """
 
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, training: bool = False):
         import deepspeed
         import torch.distributed as dist
 
@@ -239,7 +240,7 @@ class DeepSpeedStrategy(Strategy):
             local_rank %= torch.cuda.device_count()
             torch.cuda.set_device(local_rank)
         self.device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
-        self.ds_config = build_ds_config(cfg, self.world_size)
+        self.ds_config = build_ds_config(cfg, self.world_size, training)
         self.zero_stage = self.ds_config["zero_optimization"].get("stage", 0)
         self.engine = None
         self._hf_ds_config = None
@@ -386,7 +387,7 @@ class DeepSpeedStrategy(Strategy):
         return client
 
 
-def build_ds_config(cfg: Config, world_size: int) -> dict:
+def build_ds_config(cfg: Config, world_size: int, training: bool = True) -> dict:
     """The DeepSpeed config: ZeRO choices from `distributed.ds_config`, everything else from `cfg`.
 
     The one place where batch sizes, accumulation, clipping and precision enter DeepSpeed, with
@@ -398,7 +399,8 @@ def build_ds_config(cfg: Config, world_size: int) -> dict:
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path}: line {e.lineno}: not valid JSON ({e.msg})") from None
     zero = ds.setdefault("zero_optimization", {})
-    micro, accum = cfg.train.micro_batch_size, cfg.train.accumulation(world_size)
+    # Evaluation takes no optimizer step: it runs on any number of ranks, whatever the global batch.
+    micro, accum = cfg.train.micro_batch_size, cfg.train.accumulation(world_size) if training else 1
     filled = {"train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": accum,
               "train_batch_size": micro * accum * world_size, "gradient_clipping": cfg.train.max_grad_norm,
               "bf16": {"enabled": resolve_dtype(cfg.model.dtype) == torch.bfloat16},
@@ -491,7 +493,7 @@ def make_strategy(cfg: Config | None = None, training: bool = False) -> Strategy
         os.environ.update(srun)  # plain `srun python -m trainer ...` with several tasks: one rank per task
     if cfg is not None and (cfg.distributed.strategy == "deepspeed" or
                             (cfg.distributed.strategy == "auto" and launched())):
-        strategy = DeepSpeedStrategy(cfg)
+        strategy = DeepSpeedStrategy(cfg, training)
     else:
         if training and resolve_dtype(cfg.model.dtype) == torch.float16:
             raise ConfigError("model.dtype=float16: training in float16 needs DeepSpeed's dynamic loss scaling; set "

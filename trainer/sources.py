@@ -60,8 +60,8 @@ def load_source(name: str, src: TaskSource, cfg: DataConfig) -> dict:
         random.Random(zlib.crc32(f"{name}/test-carve".encode())).shuffle(order)
         n_test = max(1, round(src.test_fraction * len(order)))
         if len(order) - n_test < 2:
-            raise DataError(f"{train_path}: {len(order)} row(s) are too few to carve a test split of {src.test_fraction} "
-                        f"and keep a validation split; add rows or give data.tasks.{name}.test")
+            raise DataError(f"{train_path}: {len(order)} row(s) are too few to carve a test split of "
+                            f"{src.test_fraction} and keep a validation split; add rows or give data.tasks.{name}.test")
         picked = set(order[:n_test])
         rows["test"] = [r for i, r in enumerate(rows["train"]) if i in picked]
         rows["train"] = [r for i, r in enumerate(rows["train"]) if i not in picked]
@@ -135,12 +135,8 @@ def _require(ds, column: str, path: Path, role: str) -> None:
 
 
 def _rows(ds, src: TaskSource, labels: list[str] | None, path: Path) -> list[dict]:
-    mapped = _columns(src)
-    for role, column in mapped.items():
-        if role != "input":
-            _require(ds, column, path, role)
-    if src.input and src.input not in ds.column_names:
-        _require(ds, src.input, path, "input")
+    for role, column in _columns(src).items():
+        _require(ds, column, path, role)
     index = {label: i for i, label in enumerate(labels or [])}
     out = []
     for i, row in enumerate(ds):
@@ -162,9 +158,9 @@ def _rows(ds, src: TaskSource, labels: list[str] | None, path: Path) -> list[dic
         elif src.messages:
             out.append({**_chat(row.get(src.messages), where, src.messages), "ref": ref})
         else:
+            given = {k: v for k, v in row.items() if v is not None}  # an empty CSV cell reads as None
             out.append({"instruction": _text(row, src.instruction, where),
-                        "text": _text({k: v for k, v in row.items() if v is not None}, src.input, where, optional=True)
-                        if src.input else "",
+                        "text": _text(given, src.input, where, optional=True) if src.input else "",
                         "output": _text(row, src.output, where), "ref": ref})
     return out
 
