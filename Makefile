@@ -29,4 +29,4 @@ demo: setup
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(BIN)/python -m trainer sequence configs/demo.yaml
 
 test: setup
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=25
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=25

@@ -2,7 +2,7 @@
 
 The new venv sees this environment's packages through a .pth file (so nothing is downloaded and no
 dependency is installed twice); the project itself goes in with --no-deps --no-build-isolation, built by
-the setuptools pinned in requirements-dev.txt. Each test takes about 10-25 s, mostly imports.
+the setuptools pinned in requirements-dev.txt. About 20-30 s, mostly imports.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 
 from .conftest import REPO
 
-VERBS = ("sequence", "stage", "evaluate", "submit", "report", "extract", "merge", "export", "predict", "inspect")
+VERBS = ("config", "sequence", "stage", "evaluate", "submit", "report", "extract", "merge", "export", "predict", "inspect")
 
 
 def _env() -> dict[str, str]:
@@ -73,7 +73,8 @@ def _copy_checkout(dest: Path) -> Path:
     return dest
 
 
-def test_pip_install_into_a_fresh_venv(tmp_path):
+def test_pip_install_and_editable_install_into_a_fresh_venv(tmp_path):
+    """`pip install .` gives a package that stands on its own; `pip install -e .` over it then runs the repo."""
     work = tmp_path / "elsewhere"
     work.mkdir()
     venv = tmp_path / "venv"
@@ -109,12 +110,7 @@ def test_pip_install_into_a_fresh_venv(tmp_path):
                  cwd=work).stdout.strip()
     assert Path(found) == share / "ds_configs" / "zero3.json"
 
-
-def test_editable_install_runs_the_repo(tmp_path):
-    work = tmp_path / "elsewhere"
-    work.mkdir()
-    venv = tmp_path / "venv"
-    python = _fresh_venv(venv, work)
+    # Over the same venv, an editable install: the repo's own files run, and the command stays.
     _run(venv / "bin" / "pip", "install", "--no-deps", "--no-build-isolation", "-e", REPO, cwd=work)
     assert _trainer_file(python, work) == (REPO / "trainer" / "__init__.py").resolve()
     assert (venv / "bin" / "moecl").exists()

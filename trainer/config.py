@@ -452,9 +452,10 @@ def reference() -> str:
                 walk(t, f"{prefix}{f.name}.")
                 continue
             item = typing.get_args(t)[1] if typing.get_origin(t) is dict else None
+            kind = "a mapping of task names to sections" if dataclasses.is_dataclass(item) else _type_name(t)
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            lines.append(f"  {prefix}{f.name}: {_type_name(t) if not dataclasses.is_dataclass(item) else 'a mapping of task names to sections'}"
-                         f" = {yaml.safe_dump(default, default_flow_style=True).strip().removesuffix('...').strip()}")
+            shown = yaml.safe_dump(default, default_flow_style=True).strip().removesuffix("...").strip()
+            lines.append(f"  {prefix}{f.name}: {kind} = {shown}")
             if f.name in docs:
                 lines.extend(textwrap.wrap(docs[f.name], 100, initial_indent="      ", subsequent_indent="      "))
             if dataclasses.is_dataclass(item):
