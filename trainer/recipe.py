@@ -240,9 +240,10 @@ def prepare_training(s: Setup, strategy: Strategy) -> Training:
                        f"x {accum} accumulation x {strategy.world_size} ranks = {global_batch} rows and changes with "
                        f"the number of ranks; set train.global_batch_size to keep it fixed")
     if total < tc.min_steps:
+        budget = f"train.max_steps={tc.max_steps}" if tc.max_steps else f"{tc.epochs} epoch(s)"
         strategy.print(f"warning: stage {s.k} ({s.task}) has only {total} optimizer step(s) ({len(train_set.rows)} rows, "
-                       f"{global_batch} per step, {tc.epochs if not tc.max_steps else 'max_steps'} epoch(s)), fewer than "
-                       f"train.min_steps={tc.min_steps}; lower train.global_batch_size or raise train.epochs")
+                       f"{global_batch} per step, {budget}), fewer than train.min_steps={tc.min_steps}; lower "
+                       f"train.global_batch_size or raise train.epochs")
     shared = {id(p) for p in s.model.shared_expert_parameters()}
     groups = [{"params": [p for p in params if id(p) in shared], "lr": tc.lr * tc.shared_expert_lr_scale},
               {"params": [p for p in params if id(p) not in shared], "lr": tc.lr}]
