@@ -18,8 +18,8 @@ Every file is checked before anything is written (labels.json a non-empty list o
 an object with a non-blank string `sentence` and a `label` from labels.json); the first problem stops the
 import with one line `error: <file>: row N: <what> ; <what to do>` and exit code 2, and nothing is written.
 Each task is built in a temporary folder next to OUT/<task> and renamed into place, so a task folder is
-never half-written. An existing non-empty OUT/<task> is refused unless --force, which replaces it (the old
-copy is moved aside, the new one renamed in, then the old one deleted). Sentences found in both train and
+never half-written (trainer/atomic.py, as stage folders). An existing non-empty OUT/<task> is refused
+unless --force, which replaces it. Sentences found in both train and
 test are reported as a warning count and kept.
 
 Exit codes: 0 imported, 2 bad input (missing or malformed source, output refused), 1 writing failed.
@@ -30,16 +30,14 @@ from __future__ import annotations
 import argparse
 import filecmp
 import json
-import os
 import re
-import secrets
-import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from trainer import atomic  # noqa: E402
 from trainer.config import DataConfig  # noqa: E402
 from trainer.data import DataError, read_cl_benchmark  # noqa: E402
 
@@ -157,45 +155,12 @@ def dump(rows) -> str:
     return json.dumps(rows, ensure_ascii=False, indent=0) + "\n"
 
 
-def write_file(path: Path, text: str) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def new_dir(out: Path, prefix: str) -> Path:
-    """A fresh, uniquely named folder in `out` (permissions from the umask, as a plain mkdir)."""
-    while True:
-        path = out / f"{prefix}{os.getpid()}-{secrets.token_hex(4)}"
-        try:
-            path.mkdir()
-            return path
-        except FileExistsError:
-            continue
-
-
 def install_task(out: Path, task: Imported) -> None:
-    """Write the task into a temporary sibling folder, then rename it to OUT/<task>."""
-    target = out / task.name
-    tmp = new_dir(out, f".{task.name}.tmp-")
-    old = None
-    try:
-        write_file(tmp / "labels.json", json.dumps(task.labels, ensure_ascii=False) + "\n")
-        write_file(tmp / "train.json", dump(task.train))
-        write_file(tmp / "test.json", dump(task.test))
-        if target.is_dir() and any(target.iterdir()):  # --force: checked by check_out
-            old = new_dir(out, f".{task.name}.old-")
-            target.rename(old / task.name)
-        tmp.replace(target)  # an empty target folder is replaced; a fresh one is created
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None and not target.exists():
-            (old / task.name).rename(target)  # put the previous copy back
-            old.rmdir()
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    """Write the task into a temporary sibling folder, renamed to OUT/<task> (replacing it) once complete."""
+    with atomic.staged_dir(out / task.name) as tmp:
+        atomic.write_text(tmp / "labels.json", json.dumps(task.labels, ensure_ascii=False) + "\n")
+        atomic.write_text(tmp / "train.json", dump(task.train))
+        atomic.write_text(tmp / "test.json", dump(task.test))
 
 
 def readme_text(bench: Path, commit: str | None, tasks: list[Imported], out: Path) -> str:
@@ -250,12 +215,7 @@ def run(args: argparse.Namespace) -> None:
               f"<- {t.src} ({t.dev_note})")
         if t.overlap:
             print(f"warning: {t.name}: {t.overlap} test sentence(s) also in train (exact match); kept")
-    tmp = out / f".README.md.tmp-{os.getpid()}-{secrets.token_hex(4)}"
-    try:
-        write_file(tmp, readme_text(bench, commit, tasks, out))
-        tmp.replace(out / "README.md")
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic.write_text(out / "README.md", readme_text(bench, commit, tasks, out))
     print(f"imported {len(tasks)} task(s) from {bench}" + (f" (commit {commit[:12]})" if commit else "")
           + f" into {out}; dev.json was not imported (it equals test.json; validation is carved from train)")
     print(f"set `data.root: {out}` in your config (or pass data.root={out})")
