@@ -21,35 +21,63 @@ def _tool(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     return proc
 
 
-def test_benchmark_cl_runs_methods_and_tabulates_their_metrics(tmp_path, model_cache):
-    out = tmp_path / "bench"
-    args = ["tools/benchmark_cl.py", "configs/tiny.yaml", "--orders", "config", "--methods", "seq_lora,per_task_lora",
-            "--seeds", "0,1", "--out", str(out), f"model.cache_dir={model_cache}", f"data.cache_dir={tmp_path / 'c'}",
-            "data.max_train_examples=32", "data.max_eval_examples=12"]
+def test_benchmark_cl_runs_methods_tabulates_pairs_commits_and_resumes(tmp_path, model_cache):
+    """Two methods x two seeds: per-method means and spreads, the binomial s.e. of ACC from the rows each final
+    entry was evaluated on (eval.other_rows shrinks only the entries ACC and BWT do not read), the paired
+    differences against moe_cl with their t interval, one git commit per finished run, and a rerun on a
+    machine without the run folders that takes every run from the committed results."""
+    out, repo = tmp_path / "bench", tmp_path / "repo"
+    results = repo / "results" / "tiny"
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    for k, v in (("user.email", "bench@example.com"), ("user.name", "bench")):
+        subprocess.run(["git", "-C", str(repo), "config", k, v], check=True)
+    args = ["tools/benchmark_cl.py", "configs/tiny.yaml", "--orders", "config", "--methods", "moe_cl,per_task_lora",
+            "--seeds", "0,1", "--out", str(out), "--results", str(results), "--commit",
+            f"model.cache_dir={model_cache}", f"data.cache_dir={tmp_path / 'c'}", "data.max_train_examples=32",
+            "data.max_eval_examples=12", "eval.other_rows=4"]
     first = _tool(*args)
-    result = json.loads((out / "results.json").read_text())
-    assert set(result["methods"]) == {"seq_lora", "per_task_lora"}
+    assert first.stdout.count("running") == 4
+    result = json.loads((results / "results.json").read_text())
+    assert set(result["methods"]) == {"moe_cl", "per_task_lora"}
+    runs = result["runs"]
     for method, row in result["methods"].items():
-        runs = [json.loads((out / "orderconfig" / method / f"seed{s}" / "metrics.json").read_text()) for s in (0, 1)]
-        acc = [r["ACC"] for r in runs]
+        metrics = [json.loads((out / "orderconfig" / method / f"seed{s}" / "metrics.json").read_text()) for s in (0, 1)]
+        acc = [m["ACC"] for m in metrics]
         assert row["orders"]["config"]["ACC"]["mean"] == pytest.approx(sum(acc) / 2)
         assert row["orders"]["config"]["ACC"]["std"] == pytest.approx(abs(acc[0] - acc[1]) / 2)
-        assert row["orders"]["config"]["seeds"] == 2
-        # Test-set standard error of ACC: binomial, from the final row and the 12 test rows per task.
-        se = [math.sqrt(sum(a * (1 - a) / 12 for a in r["accuracy"][-1])) / len(r["tasks"]) for r in runs]
-        for s in (0, 1):
-            assert result["runs"][f"{method}/orderconfig/seed{s}"]["ACC_se"] == pytest.approx(se[s])
-        assert row["orders"]["config"]["ACC_se"] == pytest.approx(math.hypot(*se) / 2)
-        assert f"{100 * row['mean_ACC']:.1f} ± {100 * row['mean_ACC_se']:.1f} |" in (out / "results.md").read_text()
-    md = (out / "results.md").read_text()
-    assert "| seq_lora |" in md and "| per_task_lora |" in md and "MoE-CL | Llama-2-7B | 80.5" in md
-    assert (out / "heatmaps.png").read_bytes()[:4] == b"\x89PNG"
-    assert "running" in first.stdout
-    again = _tool(*args)  # finished runs are kept, not redone
-    assert "running" not in again.stdout and again.stdout.count("already complete") == 4
-    proc = subprocess.run([sys.executable, *args, "--task-id", "inferred"], cwd=REPO, capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode != 0 and "was run with given task ids only; use another --out" in proc.stderr
+        assert row["orders"]["config"]["seeds"] == 2 and row["step_seconds"] > 0
+        for s, m in enumerate(metrics):
+            run = runs[f"{method}/orderconfig/seed{s}"]
+            assert run["accuracy"] == m["accuracy"] and run["test_rows"] == [[12, 4], [12, 12]]
+            assert run["baseline_rows"] == [4, 4] and run["seconds"] > 0 and run["step_seconds"] > 0
+            se = math.sqrt(sum(a * (1 - a) / 12 for a in m["accuracy"][-1])) / 2
+            assert run["ACC_se"] == pytest.approx(se)
+            # The discriminators' accuracy per stage and class: moe_cl's only (the baseline has none).
+            disc = run["discriminator_accuracy"]
+            assert ([set(d) for d in disc] == [{"agnews"}, {"yelp"}] and all(0 <= a <= 1 for d in disc for a in d.values())
+                    if method == "moe_cl" else disc == [None, None])
+    diffs = [runs[f"per_task_lora/orderconfig/seed{s}"]["ACC"] - runs[f"moe_cl/orderconfig/seed{s}"]["ACC"] for s in (0, 1)]
+    pair = result["paired"]["per_task_lora"]
+    assert pair["pairs"] == ["orderconfig/seed0", "orderconfig/seed1"] and pair["ACC"]["n"] == 2
+    half = 12.706 * abs(diffs[0] - diffs[1]) / math.sqrt(2) / math.sqrt(2)  # t(1) x sample sd / sqrt(n)
+    assert pair["ACC"]["mean"] == pytest.approx(sum(diffs) / 2)
+    assert pair["ACC"]["low"] == pytest.approx(sum(diffs) / 2 - half) and pair["ACC"]["high"] == pytest.approx(sum(diffs) / 2 + half)
+    md = (results / "results.md").read_text()
+    assert "| moe_cl |" in md and "Paired against moe_cl" in md and "| per_task_lora | 2 |" in md
+    assert "MoE-CL | Llama-2-7B | 80.5" in md and (results / "heatmaps.png").read_bytes()[:4] == b"\x89PNG"
+    log = subprocess.run(["git", "-C", str(repo), "log", "--format=%s"], capture_output=True, text=True, check=True).stdout
+    assert log.count("Benchmark tiny: ") == 4 and "per_task_lora/orderconfig/seed1 ACC" in log
+    # Another machine: the committed results, no run folders. Nothing runs again.
+    import shutil
+
+    shutil.rmtree(out)
+    again = _tool(*args)
+    assert "running" not in again.stdout and again.stdout.count("already in") == 4
+    assert json.loads((results / "results.json").read_text())["runs"] == runs
+    # Other settings, or other task-id handling, cannot be mixed into the same results.
+    for extra in (["data.max_eval_examples=10"], ["--task-id", "inferred"]):
+        proc = subprocess.run([sys.executable, *args, *extra], cwd=REPO, capture_output=True, text=True, timeout=600)
+        assert proc.returncode != 0 and "was measured with other settings" in proc.stderr, proc.stderr[-2000:]
 
 
 def test_benchmark_cl_with_inferred_task_ids_and_predict_throughput(tmp_path, model_cache):
@@ -107,8 +135,9 @@ def test_bench_step_reports_every_ratio_in_its_last_line(model_cache):
                  "--reps", "1", "--batch", "2", "--seq", "64", "--eval-rows", "4")
     figures = json.loads(proc.stdout.strip().splitlines()[-1])
     steps = figures["step_seconds"]
-    assert set(steps) == {"lora", "moe_cl", "naive", "tasks4", "tasks16"} and all(t > 0 for t in steps.values())
+    assert set(steps) == {"lora", "lora_ours", "moe_cl", "naive", "tasks4", "tasks16"} and all(t > 0 for t in steps.values())
     assert figures["moe_cl_over_lora"] == pytest.approx(steps["moe_cl"] / steps["lora"])
+    assert figures["moe_cl_over_lora_ours"] == pytest.approx(steps["moe_cl"] / steps["lora_ours"])
     assert figures["naive_over_lora"] == pytest.approx(steps["naive"] / steps["lora"])
     assert figures["tasks16_over_tasks1"] == pytest.approx(steps["tasks16"] / steps["moe_cl"])
     # Two experts keep more activations than one LoRA; the count is deterministic, not a timing.

@@ -128,7 +128,12 @@ def test_two_ranks_match_one_rank_with_twice_the_accumulation(tmp_path, model_ca
     for k in two:
         torch.testing.assert_close(off[k], two[k], rtol=0, atol=1e-3)
         assert half[k].dtype == torch.float32 and torch.isfinite(half[k]).all()
-        assert (half[k] - one[k]).abs().max() <= 0.05 * one[k].abs().max(), k
+    # Typical entries agree to 1% of the tensor's scale, and each tensor as a whole to 10% of its norm. Not
+    # every entry: Adam's normalised steps turn a near-zero gradient whose sign float16 rounding flips into
+    # full steps the other way (seen: a lora_b entry at +0.002 against -0.002 after 4 steps, 4% of its norm).
+    rel = {k: ((half[k] - one[k]).norm() / one[k].norm()).item() for k in two if one[k].norm() > 0}
+    typical = {k: ((half[k] - one[k]).abs().median() / one[k].abs().max()).item() for k in rel}
+    assert max(rel.values()) <= 0.10 and max(typical.values()) <= 0.01, (rel, typical)
     assert all(torch.count_nonzero(half[k]) for k in half if k.endswith("lora_b"))  # every B moved in float16
     mh = _manifest(tmp_path, "half")
     assert mh["config"]["model"]["dtype"] == "float16" and mh["train"]["overflow_skipped_steps"] < mh["train"]["steps"]
@@ -232,15 +237,30 @@ def test_adapter_file_round_trips_through_a_partitioned_model(tmp_path, model_ca
     assert len(metrics["accuracy"]) == 2
 
 
-def test_deepspeed_launcher_runs_a_sequence(tmp_path, model_cache):
+def test_deepspeed_launcher_runs_a_sequence_with_a_discriminator_memory(tmp_path, model_cache):
+    """The deepspeed launcher, 2 ranks, experts.discriminator_extra=memory: stage 2 runs stored agnews rows
+    through the partitioned model (a second forward per micro-batch) and ends where one process does."""
+    o = {"experts.discriminator_extra": "memory", "experts.memory_rows": 6, "experts.memory_batch": 2}
     cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(_free_port()), "--module", "trainer", "sequence",
-           "configs/tiny.yaml", *_overrides(tmp_path, model_cache, "ds")]
+           "configs/tiny.yaml", *_overrides(tmp_path, model_cache, "ds", **o)]
     env = _env()
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env["PATH"]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-5000:]
-    assert _manifest(tmp_path, "ds", "2-yelp")["world_size"] == 2
+    m2 = _manifest(tmp_path, "ds", "2-yelp")
+    assert m2["world_size"] == 2 and set(m2["train"]["discriminator_accuracy"]) == {"agnews", "yelp"}
+    assert set(_manifest(tmp_path, "ds", "1-agnews")["train"]["discriminator_accuracy"]) == {"agnews"}
     assert len(json.loads((tmp_path / "ds" / "metrics.json").read_text())["accuracy"]) == 2
+    from trainer.memory import MEMORY, Memory
+
+    memory = Memory.load(tmp_path / "ds" / "stages" / "2-yelp" / MEMORY, m2["files"][MEMORY])
+    assert {t: len(r) for t, r in memory.rows.items()} == {"agnews": 6, "yelp": 6}
+    run_cli("sequence", "configs/tiny.yaml", *_overrides(tmp_path, model_cache, "local", **o, **{
+        "distributed.strategy": "local"}))
+    ds, local = (_adapters(tmp_path, r, "2-yelp") for r in ("ds", "local"))
+    assert ds.keys() == local.keys()
+    for k in ds:
+        torch.testing.assert_close(ds[k], local[k], rtol=0, atol=1e-3)
 
 
 def test_ds_config_errors_are_clear(tmp_path, model_cache):

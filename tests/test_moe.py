@@ -124,7 +124,7 @@ def _adversarial_grads(base_dir, lam: float):
     model.freeze_all_but("a")
     x = torch.randint(0, 1000, (2, 6), generator=torch.Generator().manual_seed(0))
     model.hidden_states(x, torch.ones_like(x), "a", collect=True)
-    model.discriminator_loss(0, 2)[0].backward()
+    model.discriminator_loss("a")[0].backward()
     return (model.moe_layers[0].experts[SHARED].down_proj.lora_b.grad.clone(),
             model.discriminators[0].net.weight.grad.clone())
 
@@ -216,11 +216,12 @@ def test_discriminator_loss_is_plain_cross_entropy_on_logits(tiny_base):
     model.add_task("b")
     x = torch.randint(0, 1000, (2, 5))
     model.hidden_states(x, torch.ones_like(x), "b", collect=True)
-    loss, acc = model.discriminator_loss(1, 2)
-    expected = torch.stack([F.cross_entropy(d(model.routing.pooled[i]), torch.tensor([1, 1]))
-                            for i, d in enumerate(model.discriminators)]).mean()
+    loss, acc = model.discriminator_loss("b")
+    logits = [d(model.routing.pooled[i]) for i, d in enumerate(model.discriminators)]
+    expected = torch.stack([F.cross_entropy(z, torch.tensor([1, 1])) for z in logits]).mean()
     torch.testing.assert_close(loss, expected)
-    assert 0.0 <= acc.item() <= 1.0
+    assert set(acc) == {"b"}
+    torch.testing.assert_close(acc["b"], torch.stack([(z.argmax(-1) == 1).float().mean() for z in logits]).mean())
 
 
 @pytest.mark.parametrize("method, trained", [
@@ -317,3 +318,155 @@ def test_activation_checkpointing_recomputes_each_layer_with_the_same_gradients(
     for k, grad in plain_grads.items():
         assert grad is not None and grad.abs().sum() > 0, k
         torch.testing.assert_close(ckpt_grads[k], grad, rtol=1e-6, atol=1e-8)
+
+
+def test_dropout_keeps_each_element_with_probability_one_minus_p_and_preserves_the_mean():
+    """The CPU mask (16-bit NumPy draws seeded from torch's generator): keep rate within 5 binomial s.e. of
+    1 - p, kept elements scaled by 1 / (1 - p), one mask shared by the tensors of a call, torch.manual_seed
+    fixing it, and nothing dropped in eval mode."""
+    from trainer.moe import dropout
+
+    ones, twos = torch.ones(256, 1024), torch.full((256, 1024), 2.0)
+    torch.manual_seed(3)
+    a, b = dropout([ones, twos], 0.1, training=True)
+    n, kept = a.numel(), (a != 0).float().mean().item()
+    assert abs(kept - 0.9) < 5 * (0.9 * 0.1 / n) ** 0.5
+    assert torch.allclose(a[a != 0], torch.tensor(1 / 0.9)) and torch.equal(b, 2 * a)
+    assert abs(a.mean().item() - 1.0) < 5 * (0.1 / 0.9 / n) ** 0.5
+    torch.manual_seed(3)
+    assert torch.equal(dropout([ones], 0.1, training=True)[0], a)
+    assert not torch.equal(dropout([ones], 0.1, training=True)[0], a)  # the next draw differs
+    assert dropout([ones], 0.1, training=False)[0] is ones and dropout([ones], 0.0, training=True)[0] is ones
+
+
+def _variant(base_dir, extra: str, seed: int = 0, lam: float = 0.1):
+    torch.manual_seed(seed)
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    model = MoECLModel(base, ["a", "b"], ExpertsConfig(dropout=0.0, discriminator_extra=extra, adversarial_weight=lam))
+    for t in ("a", "b"):
+        model.add_task(t)
+    for i, layer in enumerate(model.moe_layers):
+        _fill_experts(layer, seed=20 + i)
+    return model
+
+
+def test_noise_class_gives_each_stage_a_second_class_the_discriminator_learns(tiny_llama_dir):
+    """discriminator_extra=noise: one more output ("noise"), as many N(0, 1) samples as real rows (ACL's
+    fake class), accuracy reported per class; the noise reaches no parameter upstream (only the discriminators'
+    gradients change), and a few discriminator steps learn to tell the two classes apart."""
+    plain, noisy = _variant(tiny_llama_dir, "none"), _variant(tiny_llama_dir, "noise")
+    assert noisy.classes == ["a", "b", "noise"] and noisy.discriminators[0].net.out_features == 3
+    assert plain.discriminators[0].net.out_features == 2
+    x = torch.randint(0, 1000, (6, 10), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(x)
+    grads = {}
+    for name, model in (("none", plain), ("noise", noisy)):
+        params = model.freeze_all_but("b")
+        model.train()
+        model.hidden_states(x, mask, "b", collect=True)
+        loss, acc = model.discriminator_loss("b")
+        assert set(acc) == ({"b", "noise"} if name == "noise" else {"b"})
+        loss.backward()
+        grads[name] = {n: p.grad.clone() for n, p in model.adapter_parameters().items() if p.grad is not None}
+        for p in params:
+            p.grad = None
+    # Upstream of the discriminators the noise adds nothing: the reversed gradient comes from the real rows,
+    # whose cross-entropy is now over three classes (so it differs), and reaches what it reached before.
+    up = [n for n, g in grads["none"].items() if not n.startswith("discriminators") and g.abs().sum() > 0]
+    assert up and all(grads["noise"][n].abs().sum() > 0 for n in up)
+    # The discriminators alone, trained on this batch against fresh noise each step, separate the classes.
+    noisy.requires_grad_(False)
+    disc = list(noisy.discriminators.parameters())
+    for p in disc:
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(disc, lr=1e-2)
+    with torch.no_grad():
+        noisy.hidden_states(x, mask, "b", collect=True)
+    pooled = dict(noisy.routing.pooled)
+    for _ in range(200):
+        noisy.routing.pooled.update(pooled)
+        loss, acc = noisy.discriminator_loss("b")
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    # Real rows sit in a small region the noise surrounds, so a linear discriminator cannot label all noise.
+    z = torch.randn(2000, 64)
+    with torch.no_grad():
+        fresh = [(d(z).argmax(-1) == 2).float().mean().item() for d in noisy.discriminators]
+    assert acc["b"] > 0.9 and min(fresh) > 0.6, (acc, fresh)
+
+
+def test_memory_rows_feed_the_discriminators_and_never_the_task_loss(tiny_llama_dir):
+    """A memory batch of task a during task b's stage: the task loss and its gate statistics are those of
+    the task batch alone, the discriminators report accuracy on both classes, and the adversarial gradient
+    the memory rows add reaches the shared expert."""
+    x = torch.randint(0, 1000, (4, 10), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(x)
+    labels = torch.where(torch.arange(10) >= 8, x, -100)
+    mem = (torch.randint(0, 1000, (2, 7), generator=torch.Generator().manual_seed(3)), torch.ones(2, 7, dtype=torch.long), "a")
+    outs, grads = {}, {}
+    for with_memory in (False, True):
+        model = _variant(tiny_llama_dir, "memory")
+        model.freeze_all_but("b")
+        model.train()
+        out = model(x, mask, labels, "b", mem if with_memory else None)
+        out.loss.backward()
+        outs[with_memory] = out
+        grads[with_memory] = model.moe_layers[0].experts[SHARED].gate_proj.lora_b.grad.clone()
+        assert model.moe_layers[0].experts["a"].gate_proj.lora_b.grad is None  # a's expert stays frozen
+    assert torch.equal(outs[True].task_loss, outs[False].task_loss) and outs[True].gate_shared == outs[False].gate_shared
+    assert set(outs[False].disc_acc) == {"b"} and set(outs[True].disc_acc) == {"a", "b"}
+    assert outs[True].disc_loss > outs[False].disc_loss
+    assert not torch.allclose(grads[True], grads[False])
+
+
+def test_memory_keeps_seeded_rows_per_task_and_round_trips(tmp_path):
+    from trainer.memory import Memory
+
+    rows = [{"input_ids": list(range(i, i + 3 + i % 4))} for i in range(40)]
+    mem = Memory().with_task("a", rows, 16, seed=0).with_task("b", rows[:5], 16, seed=0)
+    assert len(mem.rows["a"]) == 16 and len(mem.rows["b"]) == 5
+    assert all(r in [x["input_ids"] for x in rows] for r in mem.rows["a"])
+    assert mem.rows["a"] == Memory().with_task("a", rows, 16, seed=0).rows["a"]  # seeded
+    assert mem.rows["a"] != Memory().with_task("a", rows, 16, seed=1).rows["a"]
+    sha = mem.save(tmp_path / "memory.safetensors")
+    assert Memory.load(tmp_path / "memory.safetensors", sha).rows == mem.rows
+    assert mem.batch([], 0, 2, 0, pad_id=0) is None
+    ids, m, task = mem.batch(["a", "b"], 1, 3, 0, pad_id=-1)
+    assert task == "b" and ids.shape[0] == 3 and mem.batch(["a", "b"], 2, 3, 0, pad_id=-1)[2] == "a"
+    for row, keep in zip(ids.tolist(), m.tolist()):
+        assert [t for t, k in zip(row, keep) if k] in mem.rows["b"] and all(t == -1 for t, k in zip(row, keep) if not k)
+
+
+def test_gate_task_bias_starts_the_gate_towards_the_task_expert():
+    """experts.gate_task_bias adds a constant to the task logit: w_t = sigmoid(l_t + b - l_s)."""
+    from trainer.moe import Gate
+
+    torch.manual_seed(0)
+    plain, biased = Gate(64), Gate(64, task_bias=2.0)
+    biased.load_state_dict(plain.state_dict())  # the same weights: the bias is no parameter
+    x = torch.randn(4, 16, 64)
+    w0, w2 = plain(x), biased(x)
+    logits = plain.proj(x)
+    torch.testing.assert_close(w2[..., 1], torch.sigmoid(logits[..., 1] + 2.0 - logits[..., 0]))
+    assert abs(w0[..., 1].mean().item() - 0.5) < 0.1 and w2[..., 1].mean().item() > 0.8
+
+
+def test_memory_rows_get_the_same_reversal_sign_and_scale(tiny_llama_dir):
+    """The memory rows' discriminator loss reaches the shared expert reversed and scaled by lambda, like the
+    current task's: its gradient there is -lambda times the plain dL_D/dtheta (lambda = -1 is the plain path)."""
+    ids = torch.randint(0, 1000, (3, 9), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones_like(ids)
+
+    def grad(lam):
+        model = _variant(tiny_llama_dir, "memory", lam=lam)
+        model.freeze_all_but("b")
+        model.train()
+        model.hidden_states(ids, mask, "a", collect=True)  # task a's rows as a memory batch
+        model.discriminator_loss("a")[0].backward()
+        return model.moe_layers[0].experts[SHARED].down_proj.lora_b.grad.clone()
+
+    g = {lam: grad(lam) for lam in (0.5, 1.0, -1.0)}
+    assert g[1.0].abs().sum() > 0
+    torch.testing.assert_close(g[1.0], 2 * g[0.5])
+    torch.testing.assert_close(g[-1.0], -g[1.0])

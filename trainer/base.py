@@ -46,7 +46,7 @@ def load_base(cfg: ModelConfig, strategy: Strategy | None = None
     if hf_config.model_type not in SUPPORTED_MODEL_TYPES:
         raise ConfigError(f"model.path: {folder} is a {hf_config.model_type!r} model; MoE-CL wraps gated MLPs "
                          f"and supports {', '.join(SUPPORTED_MODEL_TYPES)}")
-    model = (strategy or Strategy()).load_base_model(folder, hf_config, resolve_dtype(cfg.dtype), cfg.trust_remote_code)
+    model = (strategy or Strategy()).load_base_model(folder, hf_config, resolve_dtype(cfg), cfg.trust_remote_code)
     model.requires_grad_(False)
     return model, load_tokenizer(folder, cfg.trust_remote_code), folder
 

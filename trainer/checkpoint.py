@@ -78,6 +78,19 @@ def read_adapters(path: Path, expected_sha256: str | None = None) -> dict[str, t
     return tensors
 
 
+def read_tagged(path: Path, expected_sha256: str | None, fmt: str, what: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """Tensors and metadata of a file `save_adapters` wrote with metadata {"format": fmt, ...} (a task
+    router, a discriminator memory); CheckpointError naming `what` when it is another kind of file."""
+    from safetensors import safe_open
+
+    tensors = read_adapters(path, expected_sha256)  # CheckpointError when missing, changed or unreadable
+    with safe_open(path, framework="pt") as f:
+        meta = f.metadata() or {}
+    if meta.get("format") != fmt:
+        raise CheckpointError(f"{path}: not a {what} file (format {meta.get('format')!r})")
+    return tensors, meta
+
+
 def check_fits(tensors: dict[str, torch.Tensor], expected: dict[str, torch.Size], source: Path) -> None:
     """The saved key set must equal the model's exactly, with the same shapes."""
     missing = sorted(set(expected) - set(tensors))

@@ -39,9 +39,10 @@ class ModelConfig:
     path: str = ""
     """A local Hugging Face folder, or `builtin:<name>` (tiny-llama, tiny-qwen2, smollm2-135m-instruct)."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    """Dtype of the frozen base: auto = bfloat16 on GPU, float32 on CPU. Under DeepSpeed it is also
-    the training precision; expert, gate and discriminator master weights and optimizer state stay
-    float32. float16 (GPUs without bf16: V100, T4) needs DeepSpeed, for its dynamic loss scaling."""
+    """Dtype of the frozen base. auto: bfloat16 on a GPU; on a CPU bfloat16 if it has native bf16 matmuls
+    (AVX512-BF16 or AMX) and the base's hidden size is at least 512 (where it is the faster), else
+    float32. Under DeepSpeed it is also the training precision; expert, gate and discriminator master
+    weights and optimizer state stay float32. float16 (GPUs without bf16: V100, T4) needs DeepSpeed, for its dynamic loss scaling."""
     trust_remote_code: bool = False
     """Passed to `from_pretrained`; off unless you trust the model folder's code."""
     cache_dir: str = "~/.cache/moe-cl/models"
@@ -63,12 +64,26 @@ class ExpertsConfig:
     """Dropout on each LoRA's input."""
     gate: Literal["shared", "per_task"] = "shared"
     """One token-wise gate per layer for all tasks (the reference), or one per task."""
+    gate_task_bias: float = 0.0
+    """A constant added to the task expert's gate logit: 0 starts every token near half shared, half
+    task (the reference); 2 gives the task expert about 0.88 of each token at the start."""
     discriminator: Literal["linear", "mlp"] = "linear"
     """Per-layer task discriminator over the shared expert's pooled output."""
     discriminator_hidden: int = 256
     """Hidden width of the `mlp` discriminator."""
     adversarial_weight: float = 0.1
     """lambda: the gradient reversal scale (method moe_cl)."""
+    discriminator_extra: Literal["none", "noise", "memory"] = "none"
+    """What the discriminators see besides the current task's batch (moe_cl). none: nothing, as the paper;
+    a stage then shows them one class only. noise: ACL's fake class, as many samples of N(0, 1) in the
+    pooled shared-output space as real rows, labelled "not a task". memory: the pooled
+    shared output of a few stored training rows of earlier tasks, labelled with their own task."""
+    memory_rows: int = 16
+    """discriminator_extra=memory: training rows kept per task (their token ids, in each stage folder's
+    memory.safetensors; never trained on with the task loss)."""
+    memory_batch: int = 2
+    """discriminator_extra=memory: rows of one earlier task run with each micro-batch (an extra forward
+    and backward of those rows, for the discriminator loss only)."""
     orthogonal_weight: float = 0.5
     """olora: weight of sum |A_t A_s^T| over earlier tasks s (O-LoRA's lambda_1)."""
 
@@ -110,6 +125,9 @@ class DataConfig:
     """The task order: one stage per task, in this order."""
     answer: Literal["letter", "label"] = "letter"
     """Classification target: the option's letter, or the label text itself."""
+    options: bool = True
+    """List the labels as options in a classification prompt. false: the instruction and the text only,
+    answered by the label text (needs answer=label); more of the text fits in max_length."""
     max_length: int = 256
     """Tokens per example; long texts are cut inside the text, never in the options or answer."""
     val_fraction: float = 0.1
@@ -195,6 +213,10 @@ class EvalConfig:
     """Rows per evaluation forward (per rank)."""
     max_new_tokens: int = 32
     """Greedy decoding budget for generative (JSONL) tasks."""
+    other_rows: Optional[int] = None
+    """Test rows for the accuracy-matrix entries ACC and BWT do not read: only a stage's own task and,
+    after the last stage, every task are evaluated on all their test rows (data.max_eval_examples);
+    the untrained model and the other tasks of a stage on the first other_rows of them. null: all."""
     val: bool = True
     """Evaluate the stage's task on its validation split after training (logged, never used to select)."""
     task_id: Literal["given", "inferred"] = "given"
@@ -379,6 +401,13 @@ def validate(cfg: Config) -> list[str]:
                  "data.max_eval_examples": cfg.data.max_eval_examples}.items():
         if v is not None and v <= 0:
             errs.append(f"{k}: must be > 0 or null, got {v}")
+    if cfg.eval.other_rows is not None and cfg.eval.other_rows <= 0:
+        errs.append(f"eval.other_rows: must be > 0 or null, got {cfg.eval.other_rows}")
+    if cfg.eval.other_rows is not None and cfg.eval.task_id == "inferred":
+        errs.append("eval.other_rows: with eval.task_id=inferred every entry is evaluated on all test rows; "
+                    "set eval.other_rows to null")
+    if not cfg.data.options and cfg.data.answer != "label":
+        errs.append("data.options: false lists no options, so there are no letters to answer with; set data.answer=label")
     if cfg.router.layer < 0:
         errs.append(f"router.layer: must be >= 0 (0 = token embeddings only), got {cfg.router.layer}")
     if cfg.router.max_rows < 2:
@@ -395,6 +424,12 @@ def validate(cfg: Config) -> list[str]:
             errs.append(f"{k}: must be in [0, 1], got {v}")
     if not 0 < cfg.data.val_fraction < 1:
         errs.append(f"data.val_fraction: must be in (0, 1), got {cfg.data.val_fraction}")
+    if cfg.experts.memory_rows < 1 or cfg.experts.memory_batch < 1:
+        errs.append(f"experts.memory_rows / memory_batch: must be >= 1, got {cfg.experts.memory_rows} / "
+                    f"{cfg.experts.memory_batch}")
+    if cfg.experts.discriminator_extra != "none" and cfg.experts.method != "moe_cl":
+        errs.append(f"experts.discriminator_extra: {cfg.experts.discriminator_extra} needs the discriminators of "
+                    f"method moe_cl, not {cfg.experts.method}; set it to none")
     if cfg.experts.adversarial_weight < 0:
         errs.append("experts.adversarial_weight: must be >= 0 (0 turns the adversarial term off)")
     if cfg.train.max_grad_norm < 0:

@@ -336,6 +336,8 @@ class PromptFormat:
             if not row["instruction"]:
                 return SENTINEL
             return row["instruction"] + ("\n\n" + SENTINEL if row["text"] else SENTINEL)
+        if not self.cfg.options:
+            return f"{task.instruction}\n\nText: {SENTINEL}"
         if self.cfg.answer == "letter":
             options = "\n".join(f"{letter}. {label}" for letter, label in zip(string.ascii_uppercase, task.labels))
             ask = "Answer with the letter of the correct option."
@@ -432,7 +434,7 @@ class PromptFormat:
     def encode(self, task: Task, split: str) -> Encoded:
         rows = getattr(task, split)
         key = hashlib.sha256(json.dumps([FORMAT_VERSION, self.identity, task.kind, task.instruction, task.labels,
-                                         self.cfg.answer, self.cfg.max_length, self.cfg.system_prompt,
+                                         self.cfg.answer, self.cfg.options, self.cfg.max_length, self.cfg.system_prompt,
                                          rows]).encode()).hexdigest()[:20]
         cache = Path(self.cfg.cache_dir).expanduser() / f"{task.name}-{split}-{key}.arrow"
         cache.parent.mkdir(parents=True, exist_ok=True)

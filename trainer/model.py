@@ -27,6 +27,7 @@ from .moe import SHARED, Discriminator, MoECLMLP, Routing, masked_mean, reverse_
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 IGNORE = -100
+NOISE = "noise"  # the discriminators' "not a task" class (experts.discriminator_extra=noise)
 # method -> (shared expert, one expert per task, gated mixture, discriminators)
 METHODS = {
     "moe_cl": (True, True, True, True),
@@ -68,7 +69,7 @@ class StepOutput(NamedTuple):  # a named tuple: ZeRO-3 finds the tensors in it f
     task_loss: torch.Tensor
     disc_loss: torch.Tensor | None
     orth_loss: torch.Tensor | None  # olora's penalty (unweighted)
-    disc_acc: torch.Tensor | None
+    disc_acc: dict[str, torch.Tensor] | None  # the discriminators' accuracy per class seen (a task, NOISE)
     gate_shared: list[float]    # per layer: mean gate weight on the shared expert
     tokens: int                 # non-pad tokens in the batch
 
@@ -99,6 +100,7 @@ class MoECLModel(nn.Module):
         self.method = cfg.method
         self.learned_tasks: list[str] = []  # tasks added so far, in order
         self.adversarial_weight = cfg.adversarial_weight
+        self.discriminator_extra = cfg.discriminator_extra
         self.orthogonal_weight = cfg.orthogonal_weight
         self.routing = Routing()
         shared, per_task, self.mixture, adversarial = METHODS[cfg.method]
@@ -107,11 +109,17 @@ class MoECLModel(nn.Module):
             mlp = layer.mlp
             layer.mlp = MoECLMLP(mlp, i, self.routing, hidden=hidden, intermediate=mlp.gate_proj.out_features,
                                  rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout,
-                                 gate_mode=cfg.gate if self.mixture else "none", shared=shared, task_experts=per_task)
+                                 gate_mode=cfg.gate if self.mixture else "none", shared=shared, task_experts=per_task,
+                                 gate_task_bias=cfg.gate_task_bias)
         # Training needs them; serving a bundle does not (discriminators=False).
         self.discriminators = nn.ModuleList(
-            Discriminator(hidden, len(self.tasks), cfg.discriminator, cfg.discriminator_hidden)
+            Discriminator(hidden, len(self.classes), cfg.discriminator, cfg.discriminator_hidden)
             for _ in (self.moe_layers if discriminators and adversarial else []))
+
+    @property
+    def classes(self) -> list[str]:
+        """The discriminators' classes: every task of the order, then NOISE with discriminator_extra=noise."""
+        return self.tasks + ([NOISE] if self.discriminator_extra == "noise" else [])
 
     @property
     def moe_layers(self) -> list[MoECLMLP]:
@@ -170,21 +178,26 @@ class MoECLModel(nn.Module):
     # -- forward passes ---------------------------------------------------------------------------
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
-                task: str) -> StepOutput:
-        """A training step's forward. input_ids, attention_mask, labels: (batch, seq)."""
+                task: str, memory: tuple[torch.Tensor, torch.Tensor, str] | None = None) -> StepOutput:
+        """A training step's forward. input_ids, attention_mask, labels: (batch, seq). `memory`: (ids, mask,
+        task) of stored rows of one earlier task, run for the discriminator loss alone (discriminator_extra=memory)."""
         if task not in self.learned_tasks:
             raise KeyError(f"task {task!r} has no expert yet; call add_task first")
         hidden = self.hidden_states(input_ids, attention_mask, task, collect=self.training)
         task_loss = self.answer_loss(hidden, labels)
+        gates = [self.routing.gate_shared[i].item() for i in sorted(self.routing.gate_shared)]
         disc_loss = disc_acc = orth_loss = None
         loss = task_loss
         if self.training and len(self.discriminators):
-            disc_loss, disc_acc = self.discriminator_loss(self.tasks.index(task), input_ids.shape[0])
+            disc_loss, disc_acc = self.discriminator_loss(task)
+            if memory is not None:  # the earlier task's rows routed as deployed (its own expert, frozen)
+                self.hidden_states(memory[0], memory[1], memory[2], collect=True)
+                memory_loss, memory_acc = self.discriminator_loss(memory[2])
+                disc_loss, disc_acc = disc_loss + memory_loss, {**disc_acc, **memory_acc}
             loss = loss + disc_loss
         if self.method == "olora" and self.learned_tasks.index(task) > 0:
             orth_loss = self.orthogonality_loss(task)
             loss = loss + self.orthogonal_weight * orth_loss
-        gates = [self.routing.gate_shared[i].item() for i in sorted(self.routing.gate_shared)]
         return StepOutput(loss, task_loss, disc_loss, orth_loss, disc_acc, gates, int(attention_mask.sum()))
 
     def orthogonality_loss(self, task: str) -> torch.Tensor:
@@ -271,17 +284,32 @@ class MoECLModel(nn.Module):
                                  eos_token_id=eos_token_id, synced_gpus=synced)
         return out[:, input_ids.shape[1]:]
 
-    def discriminator_loss(self, task_index: int, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Cross-entropy of every layer's discriminator on the pooled shared output, through the reversal."""
-        target = torch.full((batch,), task_index, dtype=torch.long)
-        losses, correct = [], []
+    def discriminator_loss(self, task: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Cross-entropy of every layer's discriminator on the pooled shared output of the last forward
+        (all rows of `task`), through the reversal: the discriminators minimise it, the shared expert and
+        gates upstream get -lambda times its gradient. With discriminator_extra=noise each layer's
+        discriminator also sees as many samples of N(0, 1) (ACL's fake class; no gradient upstream: they
+        come from no parameter), labelled NOISE. Returns the loss (mean over layers) and the
+        discriminators' accuracy per class seen (mean over layers)."""
+        losses, correct = [], {task: []}
+        noise = self.discriminator_extra == "noise"
+        if noise:
+            correct[NOISE] = []
         for i, disc in enumerate(self.discriminators):
-            feats = reverse_gradient(self.routing.pooled[i], self.adversarial_weight)
+            pooled = self.routing.pooled[i]
+            batch = pooled.shape[0]
+            feats = reverse_gradient(pooled, self.adversarial_weight)
+            target = torch.full((batch,), self.classes.index(task), dtype=torch.long, device=pooled.device)
+            if noise:  # as ACL: N(0, 1) in the discriminator's input space, as many as real rows
+                feats = torch.cat([feats, torch.randn_like(pooled)])
+                target = torch.cat([target, torch.full_like(target, self.classes.index(NOISE))])
             logits = disc(feats).float()
-            target = target.to(logits.device)
             losses.append(F.cross_entropy(logits, target))
-            correct.append((logits.argmax(-1) == target).float().mean())
-        return torch.stack(losses).mean(), torch.stack(correct).mean().detach()
+            hit = (logits.argmax(-1) == target).float().detach()
+            correct[task].append(hit[:batch].mean())
+            if noise:
+                correct[NOISE].append(hit[batch:].mean())
+        return torch.stack(losses).mean(), {c: torch.stack(v).mean() for c, v in correct.items()}
 
     def _route(self, task: str | None, mask: torch.Tensor, collect: bool, only: str | None = None,
                base_only: bool = False) -> None:

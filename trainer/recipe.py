@@ -16,7 +16,9 @@ import math
 import platform
 import random
 import shutil
+import subprocess
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -32,8 +34,9 @@ from .data import DataError, Encoded, PromptFormat, Task, collate, load_tasks, s
 from .distributed import Interrupted, Strategy, rng_state, set_rng_state
 from .evaluate import evaluate
 from .metrics import cl_metrics, format_table, heatmap
-from .model import MoECLModel, checkpoint_layers
+from .model import NOISE, MoECLModel, checkpoint_layers
 from .monitor import Monitor, Progress
+from .memory import MEMORY, Memory
 from .router import ROUTER, Router, gather_features, request_ids, request_text
 
 
@@ -55,6 +58,7 @@ class Setup:
     load_seconds: float = 0.0  # building the base (partitioned under ZeRO-3) and restoring the experts
     router: Router | None = None  # the previous stage's task router
     route_features: dict = field(default_factory=dict)  # task -> router features of its test rows (cached)
+    memory: Memory | None = None  # earlier tasks' rows for the discriminators (discriminator_extra=memory)
 
 
 def run_sequence(cfg: Config, strategy: Strategy) -> dict:
@@ -91,8 +95,11 @@ def run_stage(cfg: Config, k: int, strategy: Strategy) -> tuple[StageRecord, dic
     t0 = time.time()
     # Stage 1's new expert is still a no-op here (B = 0): this is the untrained model.
     try:
-        baseline = (s.previous.manifest["baseline"] if s.previous
-                    else evaluate_tasks(s, strategy, "untrained model")[0])
+        if s.previous:
+            baseline = s.previous.manifest["baseline"]
+            baseline_rows = s.previous.manifest["eval"].get("baseline_rows")
+        else:
+            baseline, _, baseline_rows = evaluate_tasks(s, strategy, "untrained model", full=())
     except StopRequested:
         raise Interrupted(f"stage {k} ({s.task}) stopped on {strategy.stop_reason()} before training; "
                           "nothing is lost; run the stage again") from None
@@ -102,7 +109,10 @@ def run_stage(cfg: Config, k: int, strategy: Strategy) -> tuple[StageRecord, dic
         router, router_seconds = fit_router(s, strategy)
         inferred = cfg.eval.task_id == "inferred"
         t_eval = time.time()
-        test_acc, correct_rows = evaluate_tasks(s, strategy, f"after stage {k} ({s.task})", per_row=inferred)
+        # ACC and BWT read this stage's own task and, after the last stage, every task: those on all test rows
+        full = cfg.data.order if k == len(cfg.data.order) else (s.task,)
+        test_acc, correct_rows, test_rows = evaluate_tasks(s, strategy, f"after stage {k} ({s.task})", per_row=inferred,
+                                                           full=full)
         routed = (evaluate_inferred(s, strategy, router, correct_rows, time.time() - t_eval)
                   if inferred else None)
         val = None
@@ -117,7 +127,8 @@ def run_stage(cfg: Config, k: int, strategy: Strategy) -> tuple[StageRecord, dic
                           "evaluate and save it") from None
     strategy.print(f"saving stage {k} ({s.task})")
     record = save_stage(s, strategy, baseline, test_acc, val, train_stats, step0, time.time() - t0,
-                        router, router_seconds, routed)
+                        router, router_seconds, {**(routed or {}), "test_rows": test_rows, "baseline_rows": baseline_rows},
+                        tr.train_set.rows)
     for t, acc in test_acc.items():
         monitor.scalars(k, {f"eval/accuracy/{t}": acc})
     if routed is not None:
@@ -151,7 +162,12 @@ def setup_stage(cfg: Config, k: int, strategy: Strategy) -> Setup:
     strategy.print(f"stage {k}/{len(order)}: {task} | base {folder} | {strategy.world_size} rank(s) | from "
                    f"{previous.folder if previous else 'the untrained model'}")
     router = load_router(previous) if previous is not None else None
-    return Setup(cfg, k, task, model, tokenizer, fmt, tasks, tests, previous, folder, restored, load_seconds, router)
+    memory = None
+    if cfg.experts.discriminator_extra == "memory":
+        sha = previous.manifest["files"].get(MEMORY) if previous is not None else None
+        memory = Memory.load(previous.folder / MEMORY, sha) if sha else Memory()
+    return Setup(cfg, k, task, model, tokenizer, fmt, tasks, tests, previous, folder, restored, load_seconds, router,
+                 memory=memory)
 
 
 def load_model(cfg: Config, record: StageRecord | None, strategy: Strategy):
@@ -270,17 +286,27 @@ def train_stage(s: Setup, tr: Training, strategy: Strategy, monitor: Monitor, st
     pad = s.tokenizer.pad_token_id
     data_seed = cfg.run.seed * 1000 + s.k
     window: dict[str, float] = {}
+    disc: dict[str, tuple[float, float]] = {}  # class -> (accuracy x steps, steps): the stage's mean
+    # every class a rank may show the discriminators this stage (a rank's window may lack some: memory turns)
+    disc_classes = ([s.task] + (cfg.data.order[: s.k - 1] if s.memory is not None else [])
+                    + ([NOISE] if cfg.experts.discriminator_extra == "noise" else [])) if len(s.model.discriminators) else []
     first_loss = last_loss = None
     t_start = t_window = time.time()
     progress = Progress(start, total, f"stage {s.k} ({s.task})", strategy.is_main())
     step_seconds = []
     for step in range(start, total):
         t_step = time.time()
-        for rows in step_batches(len(train_set.rows), step, tc.micro_batch_size, tr.accum,
-                                 strategy.world_size, strategy.rank, data_seed):
+        for micro, rows in enumerate(step_batches(len(train_set.rows), step, tc.micro_batch_size, tr.accum,
+                                                  strategy.world_size, strategy.rank, data_seed)):
             batch = collate([train_set.rows[i] for i in rows], pad)
             batch = {k: v.to(strategy.device) for k, v in batch.items()}
-            out = engine(batch["input_ids"], batch["attention_mask"], batch["labels"], s.task)
+            # one draw per micro-batch of the global batch (its index j: micro * world + rank, as step_batches
+            # deals them), so any number of ranks sees the memory rows one rank would
+            turn = (step * tr.accum + micro) * strategy.world_size + strategy.rank
+            memory = s.memory and s.memory.batch(cfg.data.order[: s.k - 1], turn, cfg.experts.memory_batch,
+                                                 data_seed, pad)
+            memory = memory and (memory[0].to(strategy.device), memory[1].to(strategy.device), memory[2])
+            out = engine(batch["input_ids"], batch["attention_mask"], batch["labels"], s.task, memory)
             strategy.backward(out.loss)
             _accumulate(window, out, 1 / tr.accum)
         grad_norm = strategy.optimizer_step()
@@ -290,9 +316,12 @@ def train_stage(s: Setup, tr: Training, strategy: Strategy, monitor: Monitor, st
         window["steps"] = window.get("steps", 0) + 1
         progress.step()
         if (step + 1) % tc.log_every == 0 or step + 1 == total:
-            means = _window_means(window, strategy)
+            means = _window_means(window, strategy, disc_classes)
             now = time.time()
             means["tokens_per_s"] = means.pop("tokens") / max(now - t_window, 1e-9)
+            for c in [k.removeprefix("disc_steps/") for k in list(means) if k.startswith("disc_steps/")]:
+                n = means.pop(f"disc_steps/{c}")
+                disc[c] = (disc.get(c, (0.0, 0.0))[0] + n * means[f"disc_acc/{c}"], disc.get(c, (0.0, 0.0))[1] + n)
             last_loss = means["task_loss"]
             first_loss = last_loss if first_loss is None else first_loss
             monitor.scalars(step0 + step + 1, {f"train/{k}": v for k, v in means.items() if not k.startswith("gate")})
@@ -312,6 +341,7 @@ def train_stage(s: Setup, tr: Training, strategy: Strategy, monitor: Monitor, st
             "overflow_skipped_steps": strategy.skipped_steps(),  # float16: steps skipped by loss scaling
             "below_min_steps": total < tc.min_steps, "resumed_at": start, "seconds": time.time() - t_start, "rows": len(train_set.rows),
             "first_logged_task_loss": first_loss, "last_logged_task_loss": last_loss,
+            "discriminator_accuracy": {c: round(a / n, 4) for c, (a, n) in disc.items()} or None,
             "trainable_parameters": tr.n_trainable, "step_seconds": [round(t, 3) for t in step_seconds]}
 
 
@@ -398,23 +428,28 @@ class StopRequested(Exception):
     """A stop signal arrived during evaluation (seen between two tasks' evaluations)."""
 
 
-def evaluate_tasks(s: Setup, strategy: Strategy, label: str, per_row: bool = False
-                   ) -> tuple[dict[str, float], dict[str, list[bool]]]:
+def evaluate_tasks(s: Setup, strategy: Strategy, label: str, per_row: bool = False, full: Sequence[str] | None = None
+                   ) -> tuple[dict[str, float], dict[str, list[bool]], dict[str, int]]:
     """Test accuracy of every task of the order with its task id given (tasks not learned yet use the
-    shared expert alone), and with `per_row` whether each test row was answered right. Raises
-    StopRequested, on every rank, if a stop signal arrives (checked before each task)."""
+    shared expert alone), with `per_row` whether each test row was answered right, and the rows each
+    accuracy is over: all test rows for the tasks in `full` (None: every task), the first
+    eval.other_rows for the others. Raises StopRequested, on every rank, if a stop signal arrives
+    (checked before each task)."""
     strategy.print(f"evaluating {len(s.tests)} task(s), {label}")
-    acc, rows = {}, {}
+    acc, rows, counts = {}, {}, {}
     for t, enc in s.tests.items():
         if strategy.stop_requested():
             raise StopRequested()
+        if full is not None and t not in full and s.cfg.eval.other_rows is not None:
+            enc = replace(enc, rows=enc.rows[: s.cfg.eval.other_rows] if isinstance(enc.rows, list)
+                          else enc.rows.select(range(min(len(enc.rows), s.cfg.eval.other_rows))))
         result = evaluate(s.model, enc, s.tokenizer, s.cfg.eval.batch_size, s.cfg.eval.max_new_tokens,
                           strategy, per_row=per_row)
-        acc[t], rows[t] = result["accuracy"], result.get("correct_rows")
+        acc[t], rows[t], counts[t] = result["accuracy"], result.get("correct_rows"), result["total"]
     if strategy.stop_requested():
         raise StopRequested()
     strategy.print(f"test accuracy, {label}: " + "  ".join(f"{t} {a:.3f}" for t, a in acc.items()))
-    return acc, rows
+    return acc, rows, counts
 
 
 # -- the task router (trainer/router.py) ------------------------------------------------------------
@@ -531,7 +566,7 @@ def answer_text(task: Task, row: dict) -> str:
 
 def save_stage(s: Setup, strategy: Strategy, baseline: dict, test_acc: dict, val: float | None,
                train_stats: dict, step0: int, seconds: float, router: Router, router_seconds: float,
-               routed: dict | None) -> StageRecord:
+               routed: dict | None, train_rows) -> StageRecord:
     """Write the stage folder (adapters + manifest + config) atomically; every rank returns its record."""
     run = RunDir(s.cfg.run.dir)
     named = s.model.adapter_parameters()
@@ -549,6 +584,10 @@ def save_stage(s: Setup, strategy: Strategy, baseline: dict, test_acc: dict, val
             # One metadata key: safetensors writes several in a per-process random (hash map) order.
             sha = checkpoint.save_adapters(tmp / ADAPTERS, tensors, {"format": "moe-cl"})
             router_sha = router.save(tmp / ROUTER)
+            files = {ADAPTERS: sha, ROUTER: router_sha}
+            if s.memory is not None:  # this stage's task joins the memory the next stages read
+                files[MEMORY] = s.memory.with_task(s.task, train_rows, s.cfg.experts.memory_rows,
+                                                   s.cfg.run.seed).save(tmp / MEMORY)
             resources["save_seconds"] = round(time.time() - t0, 3)
             manifest = {
                 "stage": s.k, "task": s.task, "order": s.cfg.data.order, "learned": s.cfg.data.order[: s.k],
@@ -561,7 +600,7 @@ def save_stage(s: Setup, strategy: Strategy, baseline: dict, test_acc: dict, val
                 "router": {"layer": router.layer, "rows": router.count, "seconds": round(router_seconds, 3)},
                 "data": {t: task.provenance for t, task in s.tasks.items() if task.provenance},  # data.tasks sources
                 "baseline": baseline,
-                "files": {ADAPTERS: sha, ROUTER: router_sha},
+                "files": files,
                 "previous": ({"stage": s.previous.index, "sha256": s.previous.manifest["files"][ADAPTERS]}
                              if s.previous else None),
                 "versions": _versions(),
@@ -606,6 +645,9 @@ def report(run_root: Path, order: list[str] | None, strategy: Strategy, monitor:
     summary = cl_metrics(accuracy, baseline)
     metrics = {"tasks": order, "accuracy": accuracy, "baseline": baseline, **summary,
                "stages_complete": len(stages)}
+    if all("test_rows" in rec.manifest["eval"] for rec in stages):  # (stages written before eval.other_rows lack them)
+        metrics["test_rows"] = [[rec.manifest["eval"]["test_rows"][t] for t in order] for rec in stages]
+        metrics["baseline_rows"] = [stages[0].manifest["eval"]["baseline_rows"][t] for t in order]
     # With eval.task_id=inferred (every stage): the same matrix with the router choosing each row's task.
     # The untrained baseline has no router, so its given-id figures stand for both.
     if all("inferred_accuracy" in rec.manifest["eval"] for rec in stages):
@@ -671,7 +713,9 @@ def _accumulate(window: dict, out, weight: float) -> None:
     window["task_loss"] = window.get("task_loss", 0.0) + weight * out.task_loss.item()
     if out.disc_loss is not None:
         window["disc_loss"] = window.get("disc_loss", 0.0) + weight * out.disc_loss.item()
-        window["disc_acc"] = window.get("disc_acc", 0.0) + weight * out.disc_acc.item()
+        for c, acc in out.disc_acc.items():  # per class, with how often it was seen (memory: one task a step)
+            window[f"disc_acc/{c}"] = window.get(f"disc_acc/{c}", 0.0) + weight * acc.item()
+            window[f"disc_seen/{c}"] = window.get(f"disc_seen/{c}", 0.0) + weight
     if out.orth_loss is not None:
         window["orth_loss"] = window.get("orth_loss", 0.0) + weight * out.orth_loss.item()
     for i, g in enumerate(out.gate_shared):
@@ -679,11 +723,23 @@ def _accumulate(window: dict, out, weight: float) -> None:
     window["tokens"] = window.get("tokens", 0.0) + out.tokens
 
 
-def _window_means(window: dict, strategy: Strategy) -> dict:
+def _window_means(window: dict, strategy: Strategy, disc_classes: list[str] = ()) -> dict:
     steps = window.pop("steps")
     tokens = window.pop("tokens")
+    for c in disc_classes:  # the same keys on every rank for the reduction
+        window.setdefault(f"disc_acc/{c}", 0.0)
+        window.setdefault(f"disc_seen/{c}", 0.0)
     means = strategy.all_reduce({k: v / steps for k, v in window.items()}, op="mean")
     means["tokens"] = strategy.all_reduce({"tokens": tokens})["tokens"]
+    seen = {k.removeprefix("disc_seen/"): means.pop(k) for k in list(means) if k.startswith("disc_seen/")}
+    for c, n in list(seen.items()):
+        if n == 0:  # not shown to the discriminators in this window (on any rank)
+            del means[f"disc_acc/{c}"], seen[c]
+            continue
+        means[f"disc_acc/{c}"] /= n
+        means[f"disc_steps/{c}"] = n * steps
+    if seen:  # the mean over the classes seen in the window
+        means["disc_acc"] = sum(means[f"disc_acc/{c}"] for c in seen) / len(seen)
     return means
 
 
@@ -710,5 +766,19 @@ def _order_from_run(run: RunDir) -> list[str]:
 
 
 def _versions() -> dict:
-    return {"python": platform.python_version(),
+    return {"python": platform.python_version(), "commit": _source_commit(),
             **{pkg: importlib.metadata.version(pkg) for pkg in ("torch", "transformers", "deepspeed", "datasets")}}
+
+
+def _source_commit() -> str | None:
+    """The git commit of the trainer's source, "+dirty" if it has local changes; None outside a checkout."""
+    here = Path(__file__).resolve().parent
+    try:
+        head = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--", "."], capture_output=True,
+                               text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if head.returncode != 0:
+        return None
+    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")

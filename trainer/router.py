@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from .checkpoint import CheckpointError, read_adapters, save_adapters
+from .checkpoint import read_tagged, save_adapters
 from .distributed import Strategy
 
 ROUTER = "router.safetensors"
@@ -177,13 +177,7 @@ class Router:
     @classmethod
     def load(cls, path: Path, sha256: str | None = None) -> "Router":
         """Read a router file (checked against `sha256` when given)."""
-        from safetensors import safe_open
-
-        tensors = read_adapters(path, sha256)  # CheckpointError when missing, changed or unreadable
-        with safe_open(path, framework="pt") as f:
-            meta = f.metadata() or {}
-        if meta.get("format") != FORMAT:
-            raise CheckpointError(f"{path}: not a task router file (format {meta.get('format')!r})")
+        tensors, meta = read_tagged(path, sha256, FORMAT, "task router")
         info = json.loads(meta["router"])
         tasks = info["tasks"]
         return cls(info["layer"], tasks, info["count"], {t: tensors[f"tasks.{t}.mean"] for t in tasks},
