@@ -361,7 +361,7 @@ def main(argv=None) -> dict:
     base = {"config": str(args.config), "overrides": args.overrides, "settings": settings, "task_id": args.task_id,
             "orders": {o: ORDERS.get(o, cfg.data.order) for o in {o for (_, o, _) in recorded} | set(orders)}}
     runs = dict(recorded)
-    todo = [(m, o, s) for o in orders for m in methods for s in seeds]
+    todo = [(m, o, s) for o in orders for s in seeds for m in methods]  # each (order, seed) pair completes in turn
     t_all = time.time()
     for i, (method, o, seed) in enumerate(todo, start=1):
         run_dir = out / f"order{o}" / method / f"seed{seed}"
