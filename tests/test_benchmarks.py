@@ -143,3 +143,13 @@ def test_bench_step_reports_every_ratio_in_its_last_line(model_cache):
     # Two experts keep more activations than one LoRA; the count is deterministic, not a timing.
     assert figures["saved_bytes"]["moe_cl"] > figures["saved_bytes"]["lora"] > 0
     assert figures["scoring_examples_per_s"] > 0 and figures["generation_examples_per_s"] > 0
+
+
+def test_bench_throughput_times_a_configs_steps_for_a_source_tree(tmp_path, model_cache):
+    proc = _tool("tools/bench_throughput.py", "configs/tiny.yaml", "--steps", "2", "--source", str(REPO),
+                 f"model.cache_dir={model_cache}", f"data.cache_dir={tmp_path / 'c'}", "data.max_train_examples=32")
+    figures = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert figures["steps"] == 2 and figures["method"] == "moe_cl" and figures["task"] == "agnews"
+    assert figures["dtype"] == "float32"  # auto: the tiny base is narrower than bf16 pays for on a CPU
+    assert figures["padded_tokens_per_s"] >= figures["real_tokens_per_s"] > 0
+    assert figures["rows_per_s"] * figures["tokens_per_row"] == pytest.approx(figures["real_tokens_per_s"])
