@@ -101,6 +101,7 @@ def test_export_and_predict_serve_exactly(run, tmp_path, model_cache):
     run_cli("export", str(run), "--out", str(tmp_path / "bundle"))
     bundle = json.loads((tmp_path / "bundle" / "bundle.json").read_text())
     assert [t["name"] for t in bundle["tasks"]] == ["agnews", "yelp"] and bundle["base_model"]["fingerprint"]
+    assert bundle["data"]["options"] is True and open_adapters(tmp_path / "bundle").config.data.options is True
     keys = open_adapters(tmp_path / "bundle").tensors
     assert not any(k.startswith("discriminators") for k in keys)
     cfg = load_config(REPO / "configs" / "tiny.yaml", _overrides(tmp_path, model_cache))

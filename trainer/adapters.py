@@ -491,7 +491,7 @@ def export_bundle(ad: Adapters, out: Path, tasks: list[str] | None = None, base:
     d = ad.config.data
     info = {"format": "moe-cl-bundle", "version": 1, "tasks": described,
             "experts": {k: v for k, v in vars(ad.config.experts).items()},
-            "data": {"answer": d.answer, "max_length": d.max_length, "system_prompt": d.system_prompt},
+            "data": {"answer": d.answer, "options": d.options, "max_length": d.max_length, "system_prompt": d.system_prompt},
             "base_model": {"path": str(folder), "fingerprint": base_fingerprint(folder)},
             "source": {"path": str(ad.source), "files": ad.files}}
     router = ad.router()
