@@ -230,6 +230,7 @@ def test_discriminator_loss_is_plain_cross_entropy_on_logits(tiny_base):
     ("seq_lora", {"shared"}),
     ("per_task_lora", {"b"}),
     ("olora", {"b"}),
+    ("mocl", {"b", "keys"}),
 ])
 def test_each_method_declares_what_it_trains(tiny_llama_dir, method, trained):
     base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
@@ -241,13 +242,13 @@ def test_each_method_declares_what_it_trains(tiny_llama_dir, method, trained):
     for name, p in model.named_parameters():
         parts = name.split(".")
         if id(p) in params:
-            found.add("discriminators" if parts[0] == "discriminators" else
+            found.add("discriminators" if parts[0] == "discriminators" else "keys" if parts[0] == "task_keys" else
                       "gates" if "gates" in parts else parts[parts.index("experts") + 1])
         else:
             assert not p.requires_grad, name
     assert found == trained
     assert model.learned_tasks == ["a", "b"]
-    has_shared = method != "per_task_lora" and method != "olora"
+    has_shared = method not in ("per_task_lora", "olora", "mocl")
     assert (SHARED in model.moe_layers[0].experts) == has_shared
     assert ("a" in model.moe_layers[0].experts) == (method != "seq_lora")
 
@@ -470,3 +471,53 @@ def test_memory_rows_get_the_same_reversal_sign_and_scale(tiny_llama_dir):
     assert g[1.0].abs().sum() > 0
     torch.testing.assert_close(g[1.0], 2 * g[0.5])
     torch.testing.assert_close(g[-1.0], -g[1.0])
+
+
+def test_mocl_weighs_every_learned_lora_by_key_matching_per_row(tiny_llama_dir):
+    """mocl: one key per task; each row's experts weighted by softmax(scale x cos(mean token embedding, key));
+    a stage trains its LoRA and key only, the matching loss pulls the key towards its rows' queries, and a
+    row that matches one key far better than the others is served by that task's LoRA alone."""
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    model = MoECLModel(base, ["a", "b"], ExpertsConfig(method="mocl", dropout=0.0))
+    for t in ("a", "b"):
+        model.add_task(t)
+    for layer in model.moe_layers:
+        _fill_experts(layer, seed=7)
+    ids = torch.randint(0, 1000, (3, 8), generator=torch.Generator().manual_seed(5))
+    mask = torch.ones_like(ids)
+    labels = torch.where(torch.arange(8) >= 6, ids, -100)
+    params = model.freeze_all_but("b")
+    names = {id(p): k for k, p in model.adapter_parameters().items()}
+    trained = {names[id(p)] for p in params}
+    assert trained == {k for k in model.adapter_parameters() if ".experts.b." in k or k == "keys.b.vector"}
+    model.train()
+    out = model(ids, mask, labels, "b")
+    r = model.routing
+    assert r.summed == ("a", "b") and set(r.weights) == {"a", "b"}
+    # the weights: softmax over the two keys of 8 x cosine with the prompt tokens' mean embedding
+    with torch.no_grad():
+        q = masked_mean(model.base.get_input_embeddings()(ids).float(), mask * (labels == -100))
+        cos = torch.stack([F.cosine_similarity(q, model.task_keys[t].vector[None], dim=-1) for t in ("a", "b")], -1)
+    torch.testing.assert_close(torch.cat([r.weights["a"], r.weights["b"]], -1).view(3, 2), torch.softmax(8 * cos, -1))
+    torch.testing.assert_close(out.match_loss, (1 - cos[:, 1]).mean())
+    out.loss.backward()
+    key = model.task_keys["b"].vector
+    assert key.grad is not None and model.task_keys["a"].vector.grad is None
+    # one small step on the matching loss alone raises the cosine of b's key with the rows' queries
+    with torch.no_grad():
+        before = F.cosine_similarity(q, key[None], dim=-1).mean()
+        key.grad = None
+    model.zero_grad()
+    model(ids, mask, labels, "b").match_loss.backward()
+    with torch.no_grad():
+        key -= 0.5 * key.grad / key.grad.norm()
+        assert F.cosine_similarity(q, key[None], dim=-1).mean() > before
+    # each LoRA's down update enters times its row weight: with one key made to match exactly, its expert alone
+    model.eval()
+    with torch.no_grad():
+        model.task_keys["a"].vector.copy_(q[0] * 1000)  # row 0 matches a's key far better than b's
+        model.mocl_scale = 1e4
+        mixed = model.hidden_states(ids[:1], mask[:1], "b")
+        alone = model.hidden_states(ids[:1], mask[:1], None, only="a")
+    torch.testing.assert_close(mixed, alone, rtol=1e-4, atol=1e-5)

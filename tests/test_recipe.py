@@ -15,6 +15,8 @@ import torch
 from safetensors.torch import load_file
 
 from trainer.checkpoint import sha256_file
+from trainer.config import load_config
+from trainer.data import load_tasks
 
 from .conftest import REPO, run_cli
 
@@ -203,6 +205,7 @@ def test_a_stage_is_deterministic_given_the_seed(tmp_path, model_cache):
     ("seq_lora", [{"shared"}, {"shared"}]),
     ("per_task_lora", [{"agnews"}, {"agnews", "yelp"}]),
     ("olora", [{"agnews"}, {"agnews", "yelp"}]),
+    ("mocl", [{"agnews"}, {"agnews", "yelp"}]),
     ("moe_cl_no_gan", [{"shared", "agnews"}, {"shared", "agnews", "yelp"}]),
 ])
 def test_baseline_methods_run_end_to_end(tmp_path, model_cache, method, experts):
@@ -215,10 +218,24 @@ def test_baseline_methods_run_end_to_end(tmp_path, model_cache, method, experts)
         assert {k.split(".")[3] for k in sd if ".experts." in k} == want
         assert any(".gates." in k for k in sd) == method.startswith("moe_cl")
         assert not any(k.startswith("discriminators") for k in sd)
-    changed = {k.split(".")[3] for k in one if not torch.equal(one[k], two[k])}
-    assert changed == ({"shared"} if method == "seq_lora" else set() if method in ("per_task_lora", "olora")
-                       else {"shared"} | ({"all_tasks"}))  # old task experts never change
+    assert {k for k in two if k.startswith("keys.")} == ({"keys.agnews.vector", "keys.yelp.vector"} if method == "mocl"
+                                                         else set())
+    changed = {k.split(".")[3] if k.startswith("layers.") else k for k in one if not torch.equal(one[k], two[k])}
+    assert changed == ({"shared"} if method == "seq_lora" else set() if method in ("per_task_lora", "olora", "mocl")
+                       else {"shared"} | ({"all_tasks"}))  # old task experts (and mocl's old keys) never change
     metrics = json.loads((run / "metrics.json").read_text())
+    if method == "mocl":  # a bundle keeps the keys and serves, without task ids, what the trainer measured
+        run_cli("export", str(run), "--out", str(tmp_path / "bundle"))
+        requests = tmp_path / "requests.jsonl"
+        cfg = load_config(REPO / "configs" / "tiny.yaml", _overrides(tmp_path, model_cache))
+        tasks = load_tasks(cfg.data, cfg.run.seed)
+        lines = [{"task": t.name, "sentence": r["text"], "gold": t.labels[r["label"]]} for t in tasks for r in t.test]
+        requests.write_text("".join(json.dumps(x) + "\n" for x in lines))
+        run_cli("predict", "--bundle", str(tmp_path / "bundle"), "--input", str(requests), "--output", str(tmp_path / "p.jsonl"))
+        preds = [json.loads(x) for x in (tmp_path / "p.jsonl").read_text().splitlines()]
+        for i, t in enumerate(("agnews", "yelp")):
+            rows = [p for p in preds if p["task"] == t]
+            assert sum(p["prediction"] == p["gold"] for p in rows) / len(rows) == metrics["accuracy"][1][i]
     assert len(metrics["accuracy"]) == 2 and isinstance(metrics["ACC"], float)
     if method == "per_task_lora":  # an unseen task meets the untouched base: no transfer, by construction
         assert metrics["accuracy"][0][1] == metrics["baseline"][1]

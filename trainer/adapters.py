@@ -415,6 +415,9 @@ def merge(ad: Adapters, out: Path, expert: str | None, task: str | None, strateg
         report = {"mode": "expert", "expert": expert, "exact": True}
     else:
         ad.require_tasks([task])
+        if ad.config.experts.method == "mocl":
+            raise CheckpointError(f"{ad.source}: mocl weighs its LoRAs per request by matching the request with its "
+                                  "task keys, which no merged weight can do; merge one task's LoRA (--expert NAME)")
         if ad.routed(task) is None:
             return _merge_at_mean_gate(ad, folder, out, task, strategy, calibration_rows, batch_size)
         mix = [(e, 1.0) for e in ad.routed(task)]  # a baseline: the task's experts are summed, so exact
@@ -470,9 +473,9 @@ def export_bundle(ad: Adapters, out: Path, tasks: list[str] | None = None, base:
     settings and labels, and a reference to the base with its fingerprint (no discriminators)."""
     tasks = tasks or ad.learned
     ad.require_tasks(tasks)
-    if ad.config.experts.method == "olora" and tasks != ad.learned:
-        raise CheckpointError(f"{ad.source}: an olora model serves every task with all its LoRAs together; "
-                              f"export all learned tasks ({', '.join(ad.learned)}): leave out --tasks")
+    if ad.config.experts.method in ("olora", "mocl") and tasks != ad.learned:
+        raise CheckpointError(f"{ad.source}: an {ad.config.experts.method} model serves every task with all its "
+                              f"LoRAs together; export all learned tasks ({', '.join(ad.learned)}): leave out --tasks")
     folder = base_folder(ad, base)
     data = {t.name: t for t in load_tasks(ad.config.data, ad.config.run.seed)} if ad.kind != "bundle" else None
     keep_experts = {e for t in tasks for e in (ad.routed(t) or (SHARED, t))}
@@ -481,7 +484,8 @@ def export_bundle(ad: Adapters, out: Path, tasks: list[str] | None = None, base:
     for key, t in ad.tensors.items():
         parts = key.split(".")
         if (parts[0] == "layers" and parts[2] == "experts" and parts[3] in keep_experts) or \
-                (parts[0] == "layers" and parts[2] == "gates" and parts[3] in gate_keys):
+                (parts[0] == "layers" and parts[2] == "gates" and parts[3] in gate_keys) or \
+                (parts[0] == "keys" and parts[1] in tasks):  # mocl's task keys
             tensors[key] = t
     if data is not None:
         described = [{"name": t, "kind": data[t].kind, "labels": data[t].labels, "instruction": data[t].instruction}
@@ -649,8 +653,8 @@ def inspect(path: Path) -> dict:
     groups: dict[str, dict] = {}
     for key, t in ad.tensors.items():
         parts = key.split(".")
-        name = (f"expert:{parts[3]}" if parts[2] == "experts" else f"gate:{parts[3]}") if parts[0] == "layers" \
-            else "discriminators"
+        name = ((f"expert:{parts[3]}" if parts[2] == "experts" else f"gate:{parts[3]}") if parts[0] == "layers"
+                else "task keys" if parts[0] == "keys" else "discriminators")
         g = groups.setdefault(name, {"params": 0, "tensors": 0, "dtypes": set(), "shapes": {}})
         g["params"] += t.numel()
         g["tensors"] += 1

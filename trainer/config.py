@@ -51,11 +51,13 @@ class ModelConfig:
 
 @dataclass
 class ExpertsConfig:
-    method: Literal["moe_cl", "moe_cl_no_gan", "seq_lora", "per_task_lora", "olora"] = "moe_cl"
+    method: Literal["moe_cl", "moe_cl_no_gan", "seq_lora", "per_task_lora", "olora", "mocl"] = "moe_cl"
     """moe_cl: shared + per-task experts, gated, adversarial discriminator. Baselines on the same
     modules and budget: moe_cl_no_gan (no discriminator), seq_lora (one LoRA trained through every
     task), per_task_lora (a fresh LoRA per task, used with its task id), olora (O-LoRA: a LoRA per task,
-    orthogonal to the earlier tasks' A, all of them summed at inference, no task id)."""
+    orthogonal to the earlier tasks' A, all of them summed at inference, no task id), mocl (MoCL: a LoRA
+    and a key per task; every learned LoRA weighted per row by how well the row's mean token embedding
+    matches each key, no task id)."""
     rank: int = 8
     """LoRA rank r of every expert (gate, up and down projections)."""
     alpha: float = 16.0
@@ -86,6 +88,10 @@ class ExpertsConfig:
     and backward of those rows, for the discriminator loss only)."""
     orthogonal_weight: float = 0.5
     """olora: weight of sum |A_t A_s^T| over earlier tasks s (O-LoRA's lambda_1)."""
+    mocl_scale: float = 8.0
+    """mocl: the experts' weights are softmax(mocl_scale x cos(query, task key)) over the learned tasks."""
+    mocl_match_weight: float = 1.0
+    """mocl: weight of the matching loss mean(1 - cos(query, key of the stage's task))."""
 
 
 @dataclass

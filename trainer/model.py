@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ExpertsConfig
-from .moe import SHARED, Discriminator, MoECLMLP, Routing, masked_mean, reverse_gradient
+from .moe import SHARED, Discriminator, MoECLMLP, Routing, TaskKey, masked_mean, reverse_gradient
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 IGNORE = -100
@@ -35,6 +35,7 @@ METHODS = {
     "seq_lora": (True, False, False, False),       # the shared expert is the one LoRA
     "per_task_lora": (False, True, False, False),  # the task's expert alone, task id known
     "olora": (False, True, False, False),          # every learned task's expert summed, no task id
+    "mocl": (False, True, False, False),           # every learned task's expert, weighted by key matching
 }
 
 
@@ -61,7 +62,7 @@ def routed_experts(method: str, task: str | None, learned: list[str]) -> tuple[s
         return (SHARED,)
     if method == "per_task_lora":
         return (task,) if task in learned else ()
-    return tuple(learned)  # olora: task-id free, every LoRA learned so far
+    return tuple(learned)  # olora, mocl: task-id free, every LoRA learned so far (mocl weighs them per row)
 
 
 class StepOutput(NamedTuple):  # a named tuple: ZeRO-3 finds the tensors in it for its backward hooks
@@ -69,6 +70,7 @@ class StepOutput(NamedTuple):  # a named tuple: ZeRO-3 finds the tensors in it f
     task_loss: torch.Tensor
     disc_loss: torch.Tensor | None
     orth_loss: torch.Tensor | None  # olora's penalty (unweighted)
+    match_loss: torch.Tensor | None  # mocl's key-matching loss (unweighted)
     disc_acc: dict[str, torch.Tensor] | None  # the discriminators' accuracy per class seen (a task, NOISE)
     gate_shared: list[float]    # per layer: mean gate weight on the shared expert
     tokens: int                 # non-pad tokens in the batch
@@ -102,6 +104,7 @@ class MoECLModel(nn.Module):
         self.adversarial_weight = cfg.adversarial_weight
         self.discriminator_extra = cfg.discriminator_extra
         self.orthogonal_weight = cfg.orthogonal_weight
+        self.mocl_scale, self.mocl_match_weight = cfg.mocl_scale, cfg.mocl_match_weight
         self.routing = Routing()
         shared, per_task, self.mixture, adversarial = METHODS[cfg.method]
         hidden = base.config.hidden_size
@@ -111,6 +114,8 @@ class MoECLModel(nn.Module):
                                  rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout,
                                  gate_mode=cfg.gate if self.mixture else "none", shared=shared, task_experts=per_task,
                                  gate_task_bias=cfg.gate_task_bias)
+        # MoCL: one key per task, matched with a request's mean token embedding (empty for other methods)
+        self.task_keys = nn.ModuleDict()
         # Training needs them; serving a bundle does not (discriminators=False).
         self.discriminators = nn.ModuleList(
             Discriminator(hidden, len(self.classes), cfg.discriminator, cfg.discriminator_hidden)
@@ -132,6 +137,8 @@ class MoECLModel(nn.Module):
             raise KeyError(f"task {task!r} is not in this model's order {self.tasks}")
         for layer in self.moe_layers:
             layer.add_task(task)
+        if self.method == "mocl" and task not in self.task_keys:
+            self.task_keys[task] = TaskKey(self.base.config.hidden_size)
         if task not in self.learned_tasks:
             self.learned_tasks.append(task)
 
@@ -139,6 +146,8 @@ class MoECLModel(nn.Module):
         """The parameters a stage on `task` optimises: shared + task experts, gate(s), discriminators."""
         modules = [m for layer in self.moe_layers for m in layer.trainable_modules(task)]
         modules.append(self.discriminators)
+        if task in self.task_keys:
+            modules.append(self.task_keys[task])
         return _unique(p for m in modules for p in m.parameters())
 
     def shared_expert_parameters(self) -> list[nn.Parameter]:
@@ -173,6 +182,7 @@ class MoECLModel(nn.Module):
             for prefix, module in layer.adapter_modules().items():
                 named.update({f"layers.{i}.{prefix}.{k}": p for k, p in module.named_parameters()})
         named.update({f"discriminators.{k}": p for k, p in self.discriminators.named_parameters()})
+        named.update({f"keys.{k}": p for k, p in self.task_keys.named_parameters()})
         return named
 
     # -- forward passes ---------------------------------------------------------------------------
@@ -183,10 +193,15 @@ class MoECLModel(nn.Module):
         task) of stored rows of one earlier task, run for the discriminator loss alone (discriminator_extra=memory)."""
         if task not in self.learned_tasks:
             raise KeyError(f"task {task!r} has no expert yet; call add_task first")
-        hidden = self.hidden_states(input_ids, attention_mask, task, collect=self.training)
+        # MoCL's query reads the prompt alone, as at evaluation
+        query_mask = attention_mask * (labels == IGNORE) if self.method == "mocl" else None
+        hidden = self.hidden_states(input_ids, attention_mask, task, collect=self.training, query_mask=query_mask)
         task_loss = self.answer_loss(hidden, labels)
         gates = [self.routing.gate_shared[i].item() for i in sorted(self.routing.gate_shared)]
-        disc_loss = disc_acc = orth_loss = None
+        disc_loss = disc_acc = orth_loss = match_loss = None
+        if self.method == "mocl":  # the task's key is pulled towards its rows' queries: mean (1 - cos)
+            cos = self.routing.query_cos[:, self.routing.summed.index(task)]
+            match_loss = (1 - cos).mean()
         loss = task_loss
         if self.training and len(self.discriminators):
             disc_loss, disc_acc = self.discriminator_loss(task)
@@ -198,7 +213,9 @@ class MoECLModel(nn.Module):
         if self.method == "olora" and self.learned_tasks.index(task) > 0:
             orth_loss = self.orthogonality_loss(task)
             loss = loss + self.orthogonal_weight * orth_loss
-        return StepOutput(loss, task_loss, disc_loss, orth_loss, disc_acc, gates, int(attention_mask.sum()))
+        if match_loss is not None:
+            loss = loss + self.mocl_match_weight * match_loss
+        return StepOutput(loss, task_loss, disc_loss, orth_loss, match_loss, disc_acc, gates, int(attention_mask.sum()))
 
     def orthogonality_loss(self, task: str) -> torch.Tensor:
         """O-LoRA's penalty, sum over layers and projections of |A_task A_s^T| for every earlier task s,
@@ -207,10 +224,12 @@ class MoECLModel(nn.Module):
                             for layer in self.moe_layers for p in ("gate_proj", "up_proj", "down_proj")]).sum()
 
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, task: str | None,
-                      collect: bool = False, only: str | None = None) -> torch.Tensor:
+                      collect: bool = False, only: str | None = None, query_mask: torch.Tensor | None = None
+                      ) -> torch.Tensor:
         """Final hidden states (batch, seq, hidden) with `task` routed (None: shared expert only);
-        `only` runs that single expert alone instead."""
-        self._route(task, attention_mask, collect, only)
+        `only` runs that single expert alone instead. `query_mask`: the tokens MoCL's query averages
+        (default: attention_mask)."""
+        self._route(task, attention_mask, collect, only, input_ids=input_ids, query_mask=query_mask)
         out = self.base.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         return out.last_hidden_state
 
@@ -253,13 +272,15 @@ class MoECLModel(nn.Module):
         The prompts (left-padded, (batch, seq)) run once; their key/value cache is repeated for
         the options (right-padded with IGNORE, (num_options, len)), which run as one short batch.
         """
-        self._route(task, prompt_mask, collect=False)
+        self._route(task, prompt_mask, collect=False, input_ids=prompt_ids)
         decoder, head = self.base.get_decoder(), self.base.get_output_embeddings()
         b, k = prompt_ids.shape[0], options.shape[0]
         positions = (prompt_mask.cumsum(-1) - 1).clamp_min(0)
         out = decoder(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions, use_cache=True)
         cache = out.cache
         cache.batch_repeat_interleave(k)
+        if self.routing.weights:  # mocl: each prompt's expert weights, for each of its options
+            self.routing.weights = {t: w.repeat_interleave(k, 0) for t, w in self.routing.weights.items()}
         valid = (options != IGNORE).repeat(b, 1)  # (b*k, len)
         ids = options.clamp_min(0).repeat(b, 1)
         mask = torch.cat([prompt_mask.repeat_interleave(k, 0), valid.long()], dim=1)
@@ -278,7 +299,7 @@ class MoECLModel(nn.Module):
                  base_only: bool = False) -> torch.Tensor:
         """Greedy continuation of left-padded prompts; returns only the new tokens (batch, <= max_new).
         `base_only`: the frozen base alone, no expert."""
-        self._route(task, attention_mask, collect=False, base_only=base_only)
+        self._route(task, attention_mask, collect=False, base_only=base_only, input_ids=input_ids)
         out = self.base.generate(input_ids=input_ids, attention_mask=attention_mask, do_sample=False,
                                  max_new_tokens=max_new_tokens, pad_token_id=pad_token_id,
                                  eos_token_id=eos_token_id, synced_gpus=synced)
@@ -312,8 +333,10 @@ class MoECLModel(nn.Module):
         return torch.stack(losses).mean(), {c: torch.stack(v).mean() for c, v in correct.items()}
 
     def _route(self, task: str | None, mask: torch.Tensor, collect: bool, only: str | None = None,
-               base_only: bool = False) -> None:
-        """Which experts the next forward runs (`routed_experts`, `only` that one, or none: `base_only`)."""
+               base_only: bool = False, input_ids: torch.Tensor | None = None,
+               query_mask: torch.Tensor | None = None) -> None:
+        """Which experts the next forward runs (`routed_experts`, `only` that one, or none: `base_only`),
+        and, for mocl, each row's weight on them from its `input_ids` (see `composition`)."""
         experts = self.moe_layers[0].experts
         if only is not None and only not in experts:
             raise KeyError(f"no expert {only!r}; this model has {list(experts)}")
@@ -324,6 +347,22 @@ class MoECLModel(nn.Module):
         r.collect, r.pool = collect and summed is None, collect and summed is None and len(self.discriminators) > 0
         r.pooled.clear()
         r.gate_shared.clear()
+        r.weights = r.query_cos = None
+        if self.method == "mocl" and summed and only is None:
+            if input_ids is None:
+                raise ValueError("mocl weighs its experts by each row's tokens: pass input_ids")
+            r.weights, r.query_cos = self.composition(input_ids, mask if query_mask is None else query_mask, summed)
+
+    def composition(self, input_ids: torch.Tensor, mask: torch.Tensor, tasks: tuple[str, ...]
+                    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """MoCL's weights of `tasks`' experts per row: softmax over tasks of scale x cos(query, key_t), the
+        query being the row's mean (frozen) token embedding over `mask`. Returns ({task: (batch, 1, 1)},
+        the cosines (batch, tasks))."""
+        with torch.no_grad():
+            query = masked_mean(self.base.get_input_embeddings()(input_ids).float(), mask)
+        cos = torch.stack([self.task_keys[t](query) for t in tasks], dim=-1)
+        w = torch.softmax(self.mocl_scale * cos, dim=-1)
+        return {t: w[:, i].view(-1, 1, 1) for i, t in enumerate(tasks)}, cos
 
 
 def checkpoint_layers(model: MoECLModel) -> None:

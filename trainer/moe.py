@@ -121,6 +121,8 @@ class Routing:
     pool: bool = False               # training: pooled shared output for the discriminators
     pooled: dict[int, torch.Tensor] = field(default_factory=dict)      # layer -> (batch, hidden)
     gate_shared: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> scalar mean g_s
+    weights: dict[str, torch.Tensor] | None = None  # mocl: summed expert -> its per-row weight (batch, 1, 1)
+    query_cos: torch.Tensor | None = None           # mocl: cos(query, key) per row and summed expert
 
 
 class MoECLMLP(nn.Module):
@@ -176,7 +178,8 @@ class MoECLMLP(nn.Module):
         base, route = self.base, self.routing
         g, u = base.gate_proj(x), base.up_proj(x)  # the frozen projections, computed once
         if route.summed is not None:
-            return self._summed(x, g, u, [self.experts[n] for n in route.summed])
+            weights = route.weights or {}
+            return self._summed(x, g, u, [(self.experts[n], weights.get(n)) for n in route.summed])
         x_drop = self.dropout(x)
         experts = [self.experts[SHARED], self.experts[route.task]]
         h = [base.act_fn(e.gate_proj(x_drop, add_to=g)) * e.up_proj(x_drop, add_to=u) for e in experts]
@@ -197,18 +200,20 @@ class MoECLMLP(nn.Module):
         out = experts[0].down_proj(h_drop[0], w_s, add_to=out)
         return experts[1].down_proj(h_drop[1], 1 - w_s, add_to=out)
 
-    def _summed(self, x: torch.Tensor, g: torch.Tensor, u: torch.Tensor, experts: list[Expert]) -> torch.Tensor:
-        """The base MLP with every given expert's LoRA updates added (one expert: that expert alone)."""
+    def _summed(self, x: torch.Tensor, g: torch.Tensor, u: torch.Tensor,
+                experts: list[tuple[Expert, torch.Tensor | None]]) -> torch.Tensor:
+        """The base MLP with every given expert's LoRA updates added, each times its per-row weight
+        ((batch, 1, 1); None: 1). One expert at weight 1: that expert alone."""
         if not experts:
             return self.base.down_proj(self.base.act_fn(g) * u)
         x_drop = self.dropout(x)
-        for e in experts:
-            g, u = e.gate_proj(x_drop, add_to=g), e.up_proj(x_drop, add_to=u)
+        for e, w in experts:
+            g, u = e.gate_proj(x_drop, w, add_to=g), e.up_proj(x_drop, w, add_to=u)
         h = self.base.act_fn(g) * u
         h_drop = self.dropout(h)
         out = self.base.down_proj(h)
-        for e in experts:
-            out = e.down_proj(h_drop, add_to=out)
+        for e, w in experts:
+            out = e.down_proj(h_drop, w, add_to=out)
         return out
 
 
@@ -251,6 +256,18 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     m = mask.to(x.dtype)
     return torch.bmm(m.unsqueeze(1), x).squeeze(1) / m.sum(dim=1, keepdim=True).clamp_min(1)
 
+
+
+class TaskKey(nn.Module):
+    """MoCL's key of one task: (batch, hidden) queries -> (batch,) cosine similarity with the key. A module
+    of its own so ZeRO-3 gathers the vector when it is called. Initialised uniform in [0, 1), as MoCL."""
+
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.vector = nn.Parameter(torch.rand(hidden))
+
+    def forward(self, query: torch.Tensor) -> torch.Tensor:
+        return F.cosine_similarity(query, self.vector.to(query.dtype).unsqueeze(0), dim=-1)
 
 
 class GradientReversal(torch.autograd.Function):

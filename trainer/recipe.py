@@ -718,6 +718,8 @@ def _accumulate(window: dict, out, weight: float) -> None:
             window[f"disc_seen/{c}"] = window.get(f"disc_seen/{c}", 0.0) + weight
     if out.orth_loss is not None:
         window["orth_loss"] = window.get("orth_loss", 0.0) + weight * out.orth_loss.item()
+    if out.match_loss is not None:
+        window["match_loss"] = window.get("match_loss", 0.0) + weight * out.match_loss.item()
     for i, g in enumerate(out.gate_shared):
         window[f"gate_{i}"] = window.get(f"gate_{i}", 0.0) + weight * g
     window["tokens"] = window.get("tokens", 0.0) + out.tokens
