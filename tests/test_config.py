@@ -151,3 +151,21 @@ def test_every_argument_of_every_verb_has_help():
     assert not missing, missing
     assert set(verbs.choices) == {"config", "sequence", "stage", "evaluate", "submit", "report", "extract", "merge",
                                   "export", "predict", "inspect"}
+
+
+def test_issue14_settings_are_checked_together():
+    """Settings that only make sense together: each mistake named with what to change."""
+    tiny = REPO / "configs" / "tiny.yaml"
+    cases = [(["data.options=false"], "data.options: false lists no options"),  # tiny answers with letters
+             (["eval.other_rows=0"], "eval.other_rows: must be > 0 or null"),
+             (["eval.other_rows=10", "eval.task_id=inferred"], "set eval.other_rows to null"),
+             (["experts.discriminator_extra=memory", "experts.method=per_task_lora"], "needs the discriminators of method moe_cl"),
+             (["experts.discriminator_extra=noise", "data.order=[agnews,noise]"], "rename that task"),
+             (["experts.memory_rows=0"], "experts.memory_rows / memory_batch: must be >= 1")]
+    for overrides, message in cases:
+        with pytest.raises(ConfigError) as e:
+            load_config(tiny, overrides)
+        assert message in str(e.value), (overrides, str(e.value))
+    ok = load_config(tiny, ["data.options=false", "data.answer=label", "eval.other_rows=4",
+                            "experts.discriminator_extra=memory", "experts.method=moe_cl"])
+    assert ok.data.options is False and ok.eval.other_rows == 4

@@ -433,6 +433,9 @@ def validate(cfg: Config) -> list[str]:
     if cfg.experts.memory_rows < 1 or cfg.experts.memory_batch < 1:
         errs.append(f"experts.memory_rows / memory_batch: must be >= 1, got {cfg.experts.memory_rows} / "
                     f"{cfg.experts.memory_batch}")
+    if cfg.experts.discriminator_extra == "noise" and "noise" in cfg.data.order:
+        errs.append("experts.discriminator_extra: noise names the discriminators' extra class 'noise', which is "
+                    "also a task of data.order; rename that task")
     if cfg.experts.discriminator_extra != "none" and cfg.experts.method != "moe_cl":
         errs.append(f"experts.discriminator_extra: {cfg.experts.discriminator_extra} needs the discriminators of "
                     f"method moe_cl, not {cfg.experts.method}; set it to none")
