@@ -79,6 +79,24 @@ def test_label_answers(tmp_path, smollm2_tokenizer):
     assert "- Science or Technology" in smollm2_tokenizer.decode(row["input_ids"])
 
 
+def test_prompts_without_options_fit_more_text_in_the_same_length(tmp_path, smollm2_tokenizer):
+    """data.options=false: no option list, the label text as the answer, a cache of its own, and more of each
+    text kept within max_length (every row cut at 96 tokens keeps at least as much text as with options)."""
+    listed, bare = _cfg(tmp_path, answer="label"), _cfg(tmp_path, answer="label", options=False)
+    task = load_tasks(bare, seed=0)[0]
+    with_opts, without = (PromptFormat(smollm2_tokenizer, c).encode(task, "test") for c in (listed, bare))
+    decode = lambda r: smollm2_tokenizer.decode(r["input_ids"])  # noqa: E731
+    kept = lambda r: decode(r).split("Text: ", 1)[1].split("<|im_end|>")[0].split("\n\nOptions:")[0]  # noqa: E731
+    for a, b in zip(with_opts.rows, without.rows):
+        assert "Options:" in decode(a) and "Options:" not in decode(b) and "Answer with" not in decode(b)
+        assert a["label"] == b["label"] and smollm2_tokenizer.decode([t for t in b["labels"] if t != IGNORE]) == \
+            task.labels[b["label"]] + "<|im_end|>"
+        assert len(kept(b)) >= len(kept(a))
+    assert without.options == with_opts.options  # the same answers are scored
+    assert len(list((tmp_path / "cache").glob("agnews-test-*.arrow"))) == 2
+    assert sum(len(kept(b)) for b in without.rows) > sum(len(kept(a)) for a in with_opts.rows)
+
+
 def test_tokenization_is_cached_by_datasets(tmp_path, smollm2_tokenizer):
     cfg = _cfg(tmp_path)
     task = load_tasks(cfg, seed=0)[0]
