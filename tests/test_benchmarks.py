@@ -66,7 +66,8 @@ def test_benchmark_cl_runs_methods_tabulates_pairs_commits_and_resumes(tmp_path,
     assert "| moe_cl |" in md and "Paired against moe_cl" in md and "| per_task_lora | 2 |" in md
     assert "MoE-CL | Llama-2-7B | 80.5" in md and (results / "heatmaps.png").read_bytes()[:4] == b"\x89PNG"
     log = subprocess.run(["git", "-C", str(repo), "log", "--format=%s"], capture_output=True, text=True, check=True).stdout
-    assert log.count("Benchmark tiny: ") == 4 and "per_task_lora/orderconfig/seed1 ACC" in log
+    assert log.count(" ACC ") == 4 and "per_task_lora/orderconfig/seed1 ACC" in log  # one commit per run
+    assert log.splitlines()[0] == "Benchmark tiny: 4 runs, heatmaps"  # the figure once, at the end
     # Another machine: the committed results, no run folders. Nothing runs again.
     import shutil
 

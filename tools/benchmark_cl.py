@@ -287,6 +287,10 @@ def commit(results: Path, message: str, attempts: int = 5) -> None:
     with another git command is retried; if it stays busy, a warning, and the next run's commit takes these
     files along."""
     for attempt in range(attempts):
+        changed = subprocess.run(["git", "-C", str(results), "status", "--porcelain", "--", "."], capture_output=True,
+                                 text=True)
+        if changed.returncode == 0 and not changed.stdout.strip():
+            return  # nothing new to commit
         add = subprocess.run(["git", "-C", str(results), "add", "--", "."], capture_output=True, text=True)
         done = add.returncode == 0 and subprocess.run(["git", "-C", str(results), "commit", "-q", "-m", message, "--", "."],
                                                       capture_output=True, text=True).returncode == 0
@@ -298,7 +302,7 @@ def commit(results: Path, message: str, attempts: int = 5) -> None:
 
 
 def write_results(results: Path, runs: dict, orders: dict, methods: list[str], header: str, base: dict,
-                  task_id: str) -> str:
+                  task_id: str, plots: bool = True) -> str:
     table = summarize(runs, orders, methods)
     pairs = paired(runs, methods)
     result = {**base, "methods": table, "paired": pairs,
@@ -308,7 +312,8 @@ def write_results(results: Path, runs: dict, orders: dict, methods: list[str], h
     atomic.write_json(results / "results.json", result)
     md = markdown(table, pairs, orders, header) + (routing_table(runs) if task_id == "inferred" else "")
     atomic.write_text(results / "results.md", md)
-    heatmaps(runs, results / "heatmaps.png")
+    if plots:
+        heatmaps(runs, results / "heatmaps.png")
     return md
 
 
@@ -388,14 +393,17 @@ def main(argv=None) -> dict:
         print(f"{label}: ACC {r['ACC']:.3f} (test s.e. {r['ACC_se']:.3f})  BWT {r['BWT']:+.3f}  FWT {r['FWT']:+.3f}"
               + (f"  (task ids inferred; given: ACC {r['given']['ACC']:.3f})" if "given" in r else ""), flush=True)
         all_methods = list(dict.fromkeys([m for (m, _, _) in sorted(runs)] + methods))
+        # the tables after every run; the heatmaps (a binary file) once, at the end of this invocation
         write_results(results, runs, {**{o: ORDERS.get(o, cfg.data.order) for (_, o, _) in runs}, **orders},
-                      [m for m in all_methods if any(k[0] == m for k in runs)], header, base, args.task_id)
+                      [m for m in all_methods if any(k[0] == m for k in runs)], header, base, args.task_id, plots=False)
         if args.commit:
             commit(results, f"Benchmark {results.name}: {method}/order{o}/seed{seed} ACC {100 * r['ACC']:.1f} "
                             f"BWT {100 * r['BWT']:+.1f} FWT {100 * r['FWT']:+.1f}")
     all_methods = [m for m in dict.fromkeys([m for (m, _, _) in sorted(runs)] + methods) if any(k[0] == m for k in runs)]
     md = write_results(results, runs, {**{o: ORDERS.get(o, cfg.data.order) for (_, o, _) in runs}, **orders},
                        all_methods, header, base, args.task_id)
+    if args.commit:
+        commit(results, f"Benchmark {results.name}: {len(runs)} runs, heatmaps")
     print("\n" + md)
     print(f"written: {results / 'results.md'}, {results / 'results.json'}, {results / 'heatmaps.png'} "
           f"({(time.time() - t_all) / 60:.1f} min)")
