@@ -114,7 +114,7 @@ def complete(run_dir: Path, order: list[str], task_id: str = "given") -> dict | 
 def run_record(run_dir: Path, m: dict, seconds: float | None) -> dict:
     """What results.json keeps of one finished run: its metrics and matrices, the test rows behind each
     entry, the ACC standard error, seconds per step and the discriminators' accuracy per stage."""
-    rows = m.get("test_rows", [[n for n in test_rows(run_dir).values()]] * len(m["accuracy"]))
+    rows = m["test_rows"] if "test_rows" in m else [list(test_rows(run_dir).values())] * len(m["accuracy"])
     stages = sorted((run_dir / "stages").glob("*/stage.json"), key=lambda p: int(p.parent.name.split("-")[0]))
     manifests = [json.loads(p.read_text()) for p in stages]
     steps = [t for s in manifests for t in s["train"].get("step_seconds", [])]
