@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -185,6 +186,43 @@ def test_a_slurm_chain_hands_the_lock_from_job_to_job(tmp_path, monkeypatch):
             assert not (tmp_path / LOCK).exists()  # the chain's last job, done: nothing left
         else:
             assert json.loads((tmp_path / LOCK).read_text())["kind"] == "slurm-chain"
+
+
+def test_while_a_job_takes_the_lock_over_a_run_starting_meanwhile_still_meets_a_lock(tmp_path, monkeypatch):
+    """A takeover writes and syncs its new lock before it moves the old one aside, so the folder is never
+    without a lock for longer than a rename and a link. (Seen in CI under load: with the sync inside that
+    gap, a local run started meanwhile took the folder from the chain's first job.)"""
+    monkeypatch.setattr(runlock, "slurm_job_states", lambda jobs: {j: "RUNNING" for j in jobs})
+    submit = RunLock(tmp_path)
+    submit.acquire(me={**identity("slurm-chain"), "chain": "c1"})
+    submit.update(jobs=["101"])
+    submit.release(success=True, to_chain=True)
+    syncing, go_on, synced = threading.Event(), threading.Event(), []
+    real_fsync = os.fsync
+
+    def slow_fsync(fd):  # the job's second lock file (the first finds the chain's lock in place) syncs slowly
+        if threading.current_thread().name == "job":
+            synced.append(fd)
+            if len(synced) == 2:
+                syncing.set()
+                go_on.wait(10)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", slow_fsync)
+    job, me, said = RunLock(tmp_path), {**identity(), "chain": "c1", "slurm_job_id": "101"}, []
+    taker = threading.Thread(target=job.acquire, args=(said.append, me), name="job")
+    taker.start()
+    try:
+        assert syncing.wait(10)
+        with pytest.raises(LockError, match="chain of SLURM jobs 101"):
+            RunLock(tmp_path).acquire()
+    finally:
+        go_on.set()
+        taker.join(10)
+    assert "handed on by its SLURM chain" in said[0]
+    assert json.loads((tmp_path / LOCK).read_text())["token"] == me["token"]
+    job.release(success=True)
+    assert not (tmp_path / LOCK).exists()
 
 
 def test_a_requeued_job_takes_its_lock_back_and_a_finished_chain_is_stale(tmp_path, monkeypatch):

@@ -93,10 +93,16 @@ class RunLock:
                 raise LockError(self.describe(holder, age))
             if holder and me.get("chain") and holder.get("chain") == me["chain"]:
                 me["jobs"] = holder.get("jobs") or []  # the chain's jobs: the last one removes the lock
-            if self._replace_stale(raw):
-                if self._create(me):
-                    say(f"note: {self.path}: {why}; taking the lock over")
-                    break
+            # The new lock is written (and synced) before the old one is moved aside: between the two the
+            # folder has no lock, and a run starting then would take it, so that moment must be short.
+            tmp = self._temp(me)
+            try:
+                taken = self._replace_stale(raw) and self._link(tmp)
+            finally:
+                os.unlink(tmp)
+            if taken:
+                say(f"note: {self.path}: {why}; taking the lock over")
+                break
         else:
             raise LockError(f"{self.path}: could not take the lock: other runs keep taking it; try again")
         self.me = me
@@ -197,12 +203,16 @@ class RunLock:
         """Make the lock file from a complete temporary file, atomically; False if it exists."""
         tmp = self._temp(me)
         try:
+            return self._link(tmp)
+        finally:
+            os.unlink(tmp)
+
+    def _link(self, tmp: str) -> bool:
+        try:
             os.link(tmp, self.path)
             return True
         except FileExistsError:
             return False
-        finally:
-            os.unlink(tmp)
 
     def _write_own(self, content: dict) -> None:
         atomic.write_json(self.path, content)
