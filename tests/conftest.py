@@ -15,8 +15,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "data" / "mtl5"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# DeepSpeed's CPU Adam (offload test) is JIT-built into TORCH_EXTENSIONS_DIR; a build folder of the
-# tests' own keeps a lock left in the user's ~/.cache by a killed build from hanging the suite.
+# DeepSpeed JIT-builds its C++ ops into TORCH_EXTENSIONS_DIR; the trainer uses none (the offload test
+# checks this folder of the tests' own stays empty), and one left locked in ~/.cache cannot hang the suite.
 if "TORCH_EXTENSIONS_DIR" not in os.environ:
     _cache = os.environ.get("MOE_CL_TEST_CACHE")
     os.environ["TORCH_EXTENSIONS_DIR"] = (str(Path(_cache) / "torch_extensions") if _cache
