@@ -173,13 +173,13 @@ def test_failed_stage_stops_the_chain_and_resubmission_continues(slurm_cluster, 
 
 
 def test_usr1_checkpoints_requeues_and_resumes_to_the_same_result(slurm_cluster, tmp_path, model_cache):
-    o = _overrides(tmp_path, model_cache, **{"data.order": "[agnews]", "train.max_steps": 150})
+    o = _overrides(tmp_path, model_cache, **{"data.order": "[agnews]", "train.max_steps": 60})
     [job] = _submit(*o)
     deadline = time.time() + 300
     while "training agnews" not in _log(tmp_path, "stage-1-agnews-*.out"):
         assert time.time() < deadline and _job(job)["JobState"] in ("PENDING", "RUNNING"), _log(tmp_path, "*")
         time.sleep(0.5)
-    time.sleep(3)
+    time.sleep(1)
     subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True)  # what --signal=B:USR1@T sends
     deadline = time.time() + 300
     while _job(job).get("Restarts", "0") == "0" or _job(job)["JobState"] not in ("PENDING", "RUNNING", "COMPLETED"):
@@ -204,7 +204,7 @@ def test_usr1_checkpoints_requeues_and_resumes_to_the_same_result(slurm_cluster,
     assert log.count("handed on by its SLURM chain") == 2  # the requeued job took the lock back
     assert not (tmp_path / "run" / "run.lock").exists()
     manifest = json.loads((tmp_path / "run" / "stages" / "1-agnews" / "stage.json").read_text())
-    assert 0 < manifest["train"]["resumed_at"] < 150
+    assert 0 < manifest["train"]["resumed_at"] < 60
 
     # The same stage, uninterrupted, on 2 local ranks.
     clean = [a for a in o if not a.startswith("run.dir=")] + [f"run.dir={tmp_path / 'clean'}"]
@@ -233,7 +233,7 @@ def _trainer_rank(run_dir, rank: int) -> int | None:
 
 
 def test_a_rank_killed_on_one_node_ends_the_job_and_the_resubmission_resumes(slurm_cluster, tmp_path, model_cache):
-    o = _overrides(tmp_path, model_cache, **{"data.order": "[agnews]", "train.max_steps": 60,
+    o = _overrides(tmp_path, model_cache, **{"data.order": "[agnews]", "train.max_steps": 24,
                                              "train.checkpoint_every": 2})
     [job] = _submit(*o)
     latest = tmp_path / "run" / "checkpoints" / "1-agnews" / "latest"

@@ -106,11 +106,13 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = list(args.overrides) + extra
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     _quiet_libraries()
-    from . import recipe, runlock
+    from . import runlock
     from .distributed import make_strategy
 
     try:
         if args.verb == "report":  # rewrites metrics.json unless a run holds the folder (then it only prints)
+            from . import recipe
+
             strategy = make_strategy(None)
             try:
                 with runlock.hold(args.run_dir, strategy):
@@ -133,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
             for line in submit(cfg, dry_run=args.dry_run):
                 print(line, flush=True)
             return 0
+        from . import recipe  # (transformers' model code: seconds to import, not needed above)
+
         if args.verb in ("sequence", "stage"):
             from .data import load_tasks
 

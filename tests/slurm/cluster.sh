@@ -2,6 +2,7 @@
 # A real SLURM cluster on this machine, for the tests: Debian's slurmctld + slurmd + munge, with
 # N emulated nodes (several slurmd on one host, node1..nodeN on 127.0.0.1).
 #
+#   tests/slurm/cluster.sh install         only install the Debian packages (CI does it beside pip)
 #   tests/slurm/cluster.sh start [NODES]   install if needed, configure, start, wait until idle
 #   tests/slurm/cluster.sh stop            stop only the daemons this script started, undo its edits
 #
@@ -131,7 +132,8 @@ stop() {
 }
 
 case "${1:-}" in
+    install) install ;;
     start) start "${2:-2}" ;;
     stop) stop ;;
-    *) echo "usage: $0 start [NODES] | stop" >&2; exit 2 ;;
+    *) echo "usage: $0 install | start [NODES] | stop" >&2; exit 2 ;;
 esac
