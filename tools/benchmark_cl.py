@@ -366,6 +366,13 @@ def main(argv=None) -> dict:
     base = {"config": str(args.config), "overrides": args.overrides, "settings": settings, "task_id": args.task_id,
             "orders": {o: ORDERS.get(o, cfg.data.order) for o in {o for (_, o, _) in recorded} | set(orders)}}
     runs = dict(recorded)
+
+    def tables(plots: bool) -> str:
+        """results.json/md (and the heatmaps when `plots`) over every run so far, in the methods' order."""
+        listed = [m for m in dict.fromkeys([m for (m, _, _) in sorted(runs)] + methods) if any(k[0] == m for k in runs)]
+        return write_results(results, runs, {**{o: ORDERS.get(o, cfg.data.order) for (_, o, _) in runs}, **orders},
+                             listed, header, base, args.task_id, plots)
+
     todo = [(m, o, s) for o in orders for s in seeds for m in methods]  # each (order, seed) pair completes in turn
     t_all = time.time()
     for i, (method, o, seed) in enumerate(todo, start=1):
@@ -392,16 +399,11 @@ def main(argv=None) -> dict:
         runs[(method, o, seed)] = r = run_record(run_dir, m, seconds)
         print(f"{label}: ACC {r['ACC']:.3f} (test s.e. {r['ACC_se']:.3f})  BWT {r['BWT']:+.3f}  FWT {r['FWT']:+.3f}"
               + (f"  (task ids inferred; given: ACC {r['given']['ACC']:.3f})" if "given" in r else ""), flush=True)
-        all_methods = list(dict.fromkeys([m for (m, _, _) in sorted(runs)] + methods))
-        # the tables after every run; the heatmaps (a binary file) once, at the end of this invocation
-        write_results(results, runs, {**{o: ORDERS.get(o, cfg.data.order) for (_, o, _) in runs}, **orders},
-                      [m for m in all_methods if any(k[0] == m for k in runs)], header, base, args.task_id, plots=False)
+        tables(plots=False)  # the tables after every run; the heatmaps (a binary file) once, at the end
         if args.commit:
             commit(results, f"Benchmark {results.name}: {method}/order{o}/seed{seed} ACC {100 * r['ACC']:.1f} "
                             f"BWT {100 * r['BWT']:+.1f} FWT {100 * r['FWT']:+.1f}")
-    all_methods = [m for m in dict.fromkeys([m for (m, _, _) in sorted(runs)] + methods) if any(k[0] == m for k in runs)]
-    md = write_results(results, runs, {**{o: ORDERS.get(o, cfg.data.order) for (_, o, _) in runs}, **orders},
-                       all_methods, header, base, args.task_id)
+    md = tables(plots=True)
     if args.commit:
         commit(results, f"Benchmark {results.name}: {len(runs)} runs, heatmaps")
     print("\n" + md)
