@@ -136,13 +136,19 @@ def test_bench_step_reports_every_ratio_in_its_last_line(model_cache):
                  "--reps", "1", "--batch", "2", "--seq", "64", "--eval-rows", "4")
     figures = json.loads(proc.stdout.strip().splitlines()[-1])
     steps = figures["step_seconds"]
-    assert set(steps) == {"lora", "lora_ours", "moe_cl", "naive", "tasks4", "tasks16"} and all(t > 0 for t in steps.values())
+    assert set(steps) == {"lora", "lora_ours", "moe_cl", "naive", "tasks4", "tasks16", "stage2", "noise", "memory"}
+    assert all(t > 0 for t in steps.values())
     assert figures["moe_cl_over_lora"] == pytest.approx(steps["moe_cl"] / steps["lora"])
     assert figures["moe_cl_over_lora_ours"] == pytest.approx(steps["moe_cl"] / steps["lora_ours"])
     assert figures["naive_over_lora"] == pytest.approx(steps["naive"] / steps["lora"])
     assert figures["tasks16_over_tasks1"] == pytest.approx(steps["tasks16"] / steps["moe_cl"])
+    assert figures["memory_over_stage2"] == pytest.approx(steps["memory"] / steps["stage2"])
+    assert figures["noise_over_stage2"] == pytest.approx(steps["noise"] / steps["stage2"])
+    assert figures["memory_rows"] == 1  # a quarter of --batch 2, at least one
     # Two experts keep more activations than one LoRA; the count is deterministic, not a timing.
     assert figures["saved_bytes"]["moe_cl"] > figures["saved_bytes"]["lora"] > 0
+    # The memory rows' own forward keeps its activations for the reversed gradient.
+    assert figures["saved_bytes"]["memory"] > figures["saved_bytes"]["stage2"]
     assert figures["scoring_examples_per_s"] > 0 and figures["generation_examples_per_s"] > 0
 
 

@@ -12,6 +12,11 @@ each a full optimizer step (forward + backward + AdamW):
   naive     the same mixture computed as the reference code does: each expert a full LoRA MLP,
             base projections (down included) run once per expert
   tasks4/16 moe_cl after 4 and 16 learned tasks (the step should not grow with them)
+  stage2    moe_cl at its second stage (one earlier task, frozen): the reference for the two below
+  noise     stage2 with experts.discriminator_extra=noise (ACL's "not a task" samples, as many as rows)
+  memory    stage2 with experts.discriminator_extra=memory: each step also runs `--memory-batch` rows
+            of the earlier task (--memory-task) through the model for the discriminator loss; the
+            default keeps bench_cpu.yaml's ratio, 2 memory rows per 8 training rows
 
 Steps run round-robin over the variants (drift on a shared machine hits all alike); the median of
 `--reps` timed steps after 2 warm-up steps is reported. Memory: on CUDA, peak allocated bytes per
@@ -106,8 +111,9 @@ class Variant:
 
 
 def moecl_variant(name: str, base, order: list[str], task: str, cfg: ExpertsConfig, naive: bool = False,
-                  method: str = "moe_cl") -> Variant:
-    model = MoECLModel(copy.deepcopy(base), order, dataclasses.replace(cfg, method=method))
+                  method: str = "moe_cl", extra: str = "none", memory: dict | None = None) -> Variant:
+    """`memory`: a collated batch of an earlier task's rows (order[0]) run with every step (extra=memory)."""
+    model = MoECLModel(copy.deepcopy(base), order, dataclasses.replace(cfg, method=method, discriminator_extra=extra))
     for t in order[: order.index(task) + 1]:
         model.add_task(t)
     if naive:
@@ -115,8 +121,9 @@ def moecl_variant(name: str, base, order: list[str], task: str, cfg: ExpertsConf
             layer.forward = types.MethodType(naive_forward, layer)
     model.train()
     params = model.freeze_all_but(task)
+    stored = memory and (memory["input_ids"], memory["attention_mask"], order[0])
     return Variant(name, model, params,
-                   lambda m, b: m(b["input_ids"], b["attention_mask"], b["labels"], task).loss)
+                   lambda m, b: m(b["input_ids"], b["attention_mask"], b["labels"], task, stored).loss)
 
 
 def lora_variant(base, cfg: ExpertsConfig) -> Variant:
@@ -169,19 +176,27 @@ def main(argv=None) -> dict:
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--eval-rows", type=int, default=32)
     ap.add_argument("--rank", type=int, default=8)
+    ap.add_argument("--memory-task", default="amazon")
+    ap.add_argument("--memory-batch", type=int, default=None, help="default: a quarter of --batch, at least 1")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     base, tok, folder = load_base(ModelConfig(path=args.model, cache_dir=args.cache_dir, dtype=args.dtype))
     base.to(device)
-    data_cfg = DataConfig(root=str(REPO / "data" / "mtl5"), order=[args.task], max_length=args.seq,
+    if args.memory_task == args.task:
+        ap.error("--memory-task must differ from --task: it is the earlier stage's task")
+    data_cfg = DataConfig(root=str(REPO / "data" / "mtl5"), order=[args.task, args.memory_task], max_length=args.seq,
                           answer="label", system_prompt="", max_eval_examples=args.eval_rows)
-    task = load_tasks(data_cfg, 0)[0]
+    task, earlier = load_tasks(data_cfg, 0)
     fmt = PromptFormat(tok, data_cfg)
     enc = fmt.encode(task, "train")
-    # The longest rows first: every variant sees the same batch, close to --seq tokens.
-    rows = sorted(enc.rows, key=lambda r: -len(r["input_ids"]))[: args.batch]
-    batch = {k: v.to(device) for k, v in collate(rows, tok.pad_token_id).items()}
+
+    def longest(rows, n):  # the longest rows first: every variant sees the same batch, close to --seq tokens
+        rows = sorted(rows, key=lambda r: -len(r["input_ids"]))[:n]
+        return {k: v.to(device) for k, v in collate(rows, tok.pad_token_id).items()}
+
+    batch = longest(enc.rows, args.batch)
+    memory = longest(fmt.encode(earlier, "train").rows, args.memory_batch or max(1, args.batch // 4))
     cfg = ExpertsConfig(rank=args.rank, alpha=2.0 * args.rank, dropout=0.05)
     tasks16 = [f"t{i:02d}" for i in range(15)] + [args.task]
     variants = [lora_variant(base, cfg),
@@ -189,7 +204,11 @@ def main(argv=None) -> dict:
                 moecl_variant("moe_cl", base, [args.task], args.task, cfg),
                 moecl_variant("naive", base, [args.task], args.task, cfg, naive=True),
                 moecl_variant("tasks4", base, tasks16[-4:], args.task, cfg),
-                moecl_variant("tasks16", base, tasks16, args.task, cfg)]
+                moecl_variant("tasks16", base, tasks16, args.task, cfg),
+                moecl_variant("stage2", base, [earlier.name, args.task], args.task, cfg),
+                moecl_variant("noise", base, [earlier.name, args.task], args.task, cfg, extra="noise"),
+                moecl_variant("memory", base, [earlier.name, args.task], args.task, cfg, extra="memory",
+                              memory=memory)]
     tokens = int(batch["attention_mask"].sum())
     print(f"model {folder} ({sum(p.numel() for p in base.parameters()) / 1e6:.0f}M params, {base.dtype}) on {device}, "
           f"{torch.get_num_threads()} threads; batch {args.batch} x {batch['input_ids'].shape[1]} tokens "
@@ -217,6 +236,9 @@ def main(argv=None) -> dict:
         "naive_over_lora": med["naive"] / med["lora"],
         "tasks4_over_tasks1": med["tasks4"] / med["moe_cl"],
         "tasks16_over_tasks1": med["tasks16"] / med["moe_cl"],
+        "memory_rows": int(memory["input_ids"].shape[0]),
+        "noise_over_stage2": med["noise"] / med["stage2"],
+        "memory_over_stage2": med["memory"] / med["stage2"],
         "saved_moe_cl_over_lora": by["moe_cl"].saved_bytes / by["lora"].saved_bytes,
         "saved_naive_over_lora": by["naive"].saved_bytes / by["lora"].saved_bytes,
     }
@@ -226,6 +248,8 @@ def main(argv=None) -> dict:
           f"{figures['moe_cl_over_lora_ours']:.3f}   naive/lora "
           f"{figures['naive_over_lora']:.3f}   16 tasks/1 task {figures['tasks16_over_tasks1']:.3f} (target <= 1.05)"
           f"   4 tasks/1 task {figures['tasks4_over_tasks1']:.3f}")
+    print(f"discriminator extras at stage 2  noise/moe_cl {figures['noise_over_stage2']:.3f}   memory/moe_cl "
+          f"{figures['memory_over_stage2']:.3f} ({figures['memory_rows']} memory rows per {args.batch})")
     print(f"saved for backward  moe_cl/lora {figures['saved_moe_cl_over_lora']:.3f}   naive/lora "
           f"{figures['saved_naive_over_lora']:.3f}")
     model = by["moe_cl"].model
