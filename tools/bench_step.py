@@ -179,12 +179,12 @@ def main(argv=None) -> dict:
     ap.add_argument("--memory-task", default="amazon")
     ap.add_argument("--memory-batch", type=int, default=None, help="default: a quarter of --batch, at least 1")
     args = ap.parse_args(argv)
+    if args.memory_task == args.task:
+        ap.error("--memory-task must differ from --task: it is the earlier stage's task")
     torch.manual_seed(0)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     base, tok, folder = load_base(ModelConfig(path=args.model, cache_dir=args.cache_dir, dtype=args.dtype))
     base.to(device)
-    if args.memory_task == args.task:
-        ap.error("--memory-task must differ from --task: it is the earlier stage's task")
     data_cfg = DataConfig(root=str(REPO / "data" / "mtl5"), order=[args.task, args.memory_task], max_length=args.seq,
                           answer="label", system_prompt="", max_eval_examples=args.eval_rows)
     task, earlier = load_tasks(data_cfg, 0)
