@@ -4,6 +4,7 @@ of silent hosts taken over, a lock taken away noticed, and the SLURM chain's han
 
 from __future__ import annotations
 
+import hashlib
 import json
 import multiprocessing
 import os
@@ -119,16 +120,18 @@ def _race(run_dir, start, results) -> None:
     try:
         lock.acquire(lambda msg: None)
     except LockError:
-        results.put(("lost", os.getpid()))
+        results.put(("lost", os.getpid(), None))
         return
-    results.put(("won", os.getpid()))
+    held_from = time.time()
     time.sleep(2)  # hold it while the others look
+    held_to = time.time()
     lock.release(success=True)
+    results.put(("won", os.getpid(), (held_from, held_to)))
 
 
-def test_runs_racing_for_a_stale_lock_end_with_exactly_one_holder(tmp_path):
+def test_runs_racing_for_a_stale_lock_never_hold_it_together(tmp_path):
     ctx = multiprocessing.get_context("fork")
-    for round_ in range(3):
+    for round_ in range(4):
         _foreign_lock(tmp_path, age=3600)
         start, results = ctx.Event(), ctx.Queue()
         procs = [ctx.Process(target=_race, args=(tmp_path, start, results)) for _ in range(6)]
@@ -138,9 +141,38 @@ def test_runs_racing_for_a_stale_lock_end_with_exactly_one_holder(tmp_path):
         outcomes = [results.get(timeout=60) for _ in procs]
         for p in procs:
             p.join(timeout=60)
-        assert sum(1 for o, _ in outcomes if o == "won") == 1, (round_, outcomes)
+        held = sorted(span for outcome, _, span in outcomes if outcome == "won")
+        assert held, (round_, outcomes)
+        # a run may win after the first winner released, but never while another holds the lock
+        assert all(b[0] >= a[1] for a, b in zip(held, held[1:])), (round_, outcomes)
         assert not (tmp_path / LOCK).exists()
-        assert not list(tmp_path.glob(f".{LOCK}*"))  # no temporary or set-aside files left
+        assert not list(tmp_path.glob(f".{LOCK}*"))  # no temporary or marker files left
+
+
+def test_a_run_that_judged_a_lock_stale_late_leaves_the_new_holder_alone(tmp_path):
+    _foreign_lock(tmp_path, age=3600)
+    raw = (tmp_path / LOCK).read_bytes()
+    first = RunLock(tmp_path, stale_seconds=60)
+    first.acquire(lambda msg: None)
+    held = (tmp_path / LOCK).read_bytes()
+    late = RunLock(tmp_path, stale_seconds=60)
+    assert not late._take_over(raw, identity())  # it read the stale lock before `first` replaced it
+    assert (tmp_path / LOCK).read_bytes() == held
+    with pytest.raises(LockError, match=f"pid {os.getpid()} on "):
+        late.acquire()
+    first.release(success=True)
+    assert not list(tmp_path.glob(f".{LOCK}*"))
+
+
+def test_a_takeover_that_stopped_half_way_is_named_with_what_to_delete(tmp_path):
+    _foreign_lock(tmp_path, age=3600)
+    raw = (tmp_path / LOCK).read_bytes()
+    marker = tmp_path / f".{LOCK}.takeover-{hashlib.sha256(raw).hexdigest()[:16]}"
+    marker.write_text(json.dumps({**identity(), "host": "node-7", "pid": 977}))
+    os.utime(marker, (time.time() - 600, time.time() - 600))
+    with pytest.raises(LockError, match=r"takeover of this lock by pid 977 on node-7 stopped half-way 6[0-9]{2} s ago"):
+        RunLock(tmp_path, stale_seconds=60).acquire()
+    assert (tmp_path / LOCK).read_bytes() == raw and marker.exists()  # nothing removed behind the user's back
 
 
 def test_a_run_whose_lock_was_taken_over_stops_before_its_next_write(tmp_path):
@@ -189,9 +221,9 @@ def test_a_slurm_chain_hands_the_lock_from_job_to_job(tmp_path, monkeypatch):
 
 
 def test_while_a_job_takes_the_lock_over_a_run_starting_meanwhile_still_meets_a_lock(tmp_path, monkeypatch):
-    """A takeover writes and syncs its new lock before it moves the old one aside, so the folder is never
-    without a lock for longer than a rename and a link. (Seen in CI under load: with the sync inside that
-    gap, a local run started meanwhile took the folder from the chain's first job.)"""
+    """A takeover writes and syncs its new lock before it renames it over the old one, so the folder is
+    never without a lock. (Seen in CI under load: with the sync inside a gap without a lock, a local run
+    started meanwhile took the folder from the chain's first job.)"""
     monkeypatch.setattr(runlock, "slurm_job_states", lambda jobs: {j: "RUNNING" for j in jobs})
     submit = RunLock(tmp_path)
     submit.acquire(me={**identity("slurm-chain"), "chain": "c1"})

@@ -18,6 +18,10 @@ taken over, and the takeover printed, when its holder is gone:
 - a `slurm-chain` (written by `submit`) none of whose jobs is queued or running;
 - otherwise, when its heartbeat is older than `run.lock_stale_seconds`.
 
+Runs that find the same lock takeable at once race through a marker file named by the lock's content
+(made by `os.link`, so only one run makes it); the one that makes it renames its own lock over the old
+one, so the folder never lacks a lock meanwhile, and the others then find a live holder.
+
 A SLURM chain hands the lock on: `submit` takes it for the chain (`MOECL_CHAIN` in every job's
 environment), each stage job takes it from the chain and, on exit, gives it back to the chain unless
 it was the chain's last job and succeeded. A requeued job (same SLURM job id) takes it back.
@@ -26,6 +30,7 @@ it was the chain's last job and succeeded. A requeued job (same SLURM job id) ta
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -43,6 +48,7 @@ from . import atomic
 
 LOCK = "run.lock"
 HEARTBEAT_SECONDS = 30.0
+TAKEOVER_WAIT_SECONDS = 30.0  # how long a run waits for another run's takeover of the same lock
 ACTIVE_JOB_STATES = {"PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "SUSPENDED", "REQUEUED", "REQUEUE_HOLD",
                      "REQUEUE_FED", "RESIZING", "SIGNALING", "STAGE_OUT", "STOPPED", "RESV_DEL_HOLD"}
 
@@ -82,7 +88,8 @@ class RunLock:
         self._created_root = not self.root.exists()
         self.root.mkdir(parents=True, exist_ok=True)
         me = me or identity()
-        for _ in range(20):  # each round either succeeds, fails, or lost a race and looks again
+        deadline = time.monotonic() + TAKEOVER_WAIT_SECONDS
+        while True:  # each round succeeds, fails, or finds another run taking the lock and looks again
             if self._create(me):
                 break
             raw, holder, age = self._read()
@@ -93,18 +100,12 @@ class RunLock:
                 raise LockError(self.describe(holder, age))
             if holder and me.get("chain") and holder.get("chain") == me["chain"]:
                 me["jobs"] = holder.get("jobs") or []  # the chain's jobs: the last one removes the lock
-            # The new lock is written (and synced) before the old one is moved aside: between the two the
-            # folder has no lock, and a run starting then would take it, so that moment must be short.
-            tmp = self._temp(me)
-            try:
-                taken = self._replace_stale(raw) and self._link(tmp)
-            finally:
-                os.unlink(tmp)
-            if taken:
+            if self._take_over(raw, me):
                 say(f"note: {self.path}: {why}; taking the lock over")
                 break
-        else:
-            raise LockError(f"{self.path}: could not take the lock: other runs keep taking it; try again")
+            if time.monotonic() > deadline:
+                raise LockError(f"{self.path}: could not take the lock: other runs keep taking it; try again")
+            time.sleep(0.05)
         self.me = me
         self._thread = threading.Thread(target=self._heartbeat, name="run-lock-heartbeat", daemon=True)
         self._thread.start()
@@ -207,9 +208,9 @@ class RunLock:
         finally:
             os.unlink(tmp)
 
-    def _link(self, tmp: str) -> bool:
+    def _link(self, tmp: str, target: Path | None = None) -> bool:
         try:
-            os.link(tmp, self.path)
+            os.link(tmp, target or self.path)
             return True
         except FileExistsError:
             return False
@@ -246,22 +247,47 @@ class RunLock:
             holder = None
         return raw, holder if isinstance(holder, dict) else None, max(age, 0.0)
 
-    def _replace_stale(self, raw: bytes) -> bool:
-        """Move the stale lock (exactly the one judged: `raw`) out of the way. Several runs may judge the
-        same lock stale at once: rename is atomic, and a run that moved a newer lock puts it back."""
-        aside = self.root / f".{LOCK}.stale-{uuid.uuid4().hex}"
+    def _take_over(self, raw: bytes, me: dict) -> bool:
+        """Replace the lock judged takeable (exactly the one judged: `raw`) by `me`'s; False if another run is
+        taking it over or has taken it. Several runs may judge the same lock at once. Only the run that
+        creates this lock's takeover marker (named by its content) may replace it, and only while the lock
+        is still `raw`; the marker goes once the lock is replaced, so a run that judged `raw` late finds the
+        new lock. The lock file is never absent meanwhile, so no run can create one beside the new holder."""
+        marker = self.root / f".{LOCK}.takeover-{hashlib.sha256(raw).hexdigest()[:16]}"
+        tmp = self._temp(me)
         try:
-            os.rename(self.path, aside)
-        except FileNotFoundError:
-            return True  # someone else moved it: race for the fresh one
-        try:
-            if aside.read_bytes() == raw:
+            if not self._link(tmp, marker):
+                self._check_marker(marker)
+                return False
+            try:
+                try:
+                    if self.path.read_bytes() != raw:
+                        return False  # changed since it was judged: judge the new one
+                except FileNotFoundError:
+                    return False
+                os.rename(tmp, self.path)
+                tmp = None
                 return True
-            with contextlib.suppress(FileExistsError):
-                os.link(aside, self.path)  # a newer lock, taken meanwhile: put it back
-            return False
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(marker)
         finally:
-            aside.unlink()
+            if tmp is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)
+
+    def _check_marker(self, marker: Path) -> None:
+        """A takeover takes milliseconds: a marker older than TAKEOVER_WAIT_SECONDS was left by a run that
+        died in the middle of one, and the lock it judged stays until someone removes both."""
+        try:
+            age = time.time() - marker.stat().st_mtime
+            taker = json.loads(marker.read_bytes())
+        except (OSError, ValueError):
+            return
+        if age > TAKEOVER_WAIT_SECONDS:
+            who = f"pid {taker.get('pid')} on {taker.get('host')}" if isinstance(taker, dict) else "another run"
+            raise LockError(f"{self.path}: a takeover of this lock by {who} stopped half-way {age:.0f} s ago "
+                            f"(it left {marker}). If no run uses {self.root}, delete both files")
 
     def _heartbeat(self) -> None:
         while not self._stop.wait(self.heartbeat_seconds):
