@@ -248,7 +248,7 @@ def main(argv=None) -> dict:
           f"{figures['moe_cl_over_lora_ours']:.3f}   naive/lora "
           f"{figures['naive_over_lora']:.3f}   16 tasks/1 task {figures['tasks16_over_tasks1']:.3f} (target <= 1.05)"
           f"   4 tasks/1 task {figures['tasks4_over_tasks1']:.3f}")
-    print(f"discriminator extras at stage 2  noise/moe_cl {figures['noise_over_stage2']:.3f}   memory/moe_cl "
+    print(f"discriminator extras at stage 2  noise/stage2 {figures['noise_over_stage2']:.3f}   memory/stage2 "
           f"{figures['memory_over_stage2']:.3f} ({figures['memory_rows']} memory rows per {args.batch})")
     print(f"saved for backward  moe_cl/lora {figures['saved_moe_cl_over_lora']:.3f}   naive/lora "
           f"{figures['saved_naive_over_lora']:.3f}")
