@@ -131,7 +131,7 @@ def _race(run_dir, start, results) -> None:
 
 def test_runs_racing_for_a_stale_lock_never_hold_it_together(tmp_path):
     ctx = multiprocessing.get_context("fork")
-    for round_ in range(4):
+    for round_ in range(3):
         _foreign_lock(tmp_path, age=3600)
         start, results = ctx.Event(), ctx.Queue()
         procs = [ctx.Process(target=_race, args=(tmp_path, start, results)) for _ in range(6)]
