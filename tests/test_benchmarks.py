@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -122,6 +123,24 @@ def test_router_study_reports_each_layer_and_statistic(model_cache):
     assert set(confusion) == {"agnews", "yelp", "dbpedia"} and all(sum(c.values()) == 8 for c in confusion.values())
     # the diagonal of the confusion matrix is the routing accuracy at that layer
     assert all(confusion[t].get(t, 0) / 8 == figures["sets"]["all 3"]["1"]["lda0.1"][t] for t in confusion)
+
+
+def test_paired_intervals_never_resolve_without_spread():
+    spec = importlib.util.spec_from_file_location("benchmark_cl", REPO / "tools" / "benchmark_cl.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.interval([0.02, 0.04])["low"] == pytest.approx(0.03 - 12.706 * 0.01)
+    assert bench.interval([-0.01, 0.03])["resolved"] is False
+    assert bench.interval([0.02, 0.03, 0.025])["resolved"] is True  # t(2) 4.303 x 0.005 / sqrt(3) = 0.0124
+    same = bench.interval([-0.047, -0.047])  # e.g. FWT: 0 by construction against a repeated +4.7
+    assert same["mean"] == pytest.approx(-0.047) and same["low"] is None and same["resolved"] is False
+    runs = {(m, "1", s): {"ACC": a, "BWT": 0.0, "FWT": f, "ACC_se": 0.01}
+            for m, s, a, f in (("moe_cl", 0, 0.70, 0.047), ("moe_cl", 1, 0.71, 0.047),
+                               ("per_task_lora", 0, 0.73, 0.0), ("per_task_lora", 1, 0.72, 0.0))}
+    pairs = bench.paired(runs, ["moe_cl", "per_task_lora"])
+    md = bench.markdown(bench.summarize(runs, {"1": ["a", "b"]}, ["moe_cl", "per_task_lora"]), pairs,
+                        {"1": ["a", "b"]}, "header")
+    assert "| per_task_lora | 2 | +2.0 [-10.7, +14.7] | +0.0 [no spread] | -4.7 [no spread] |" in md
 
 
 def test_benchmark_cl_rejects_unknown_methods_and_orders():

@@ -18,7 +18,7 @@ What the tables say:
 - per method and order, ACC / BWT / FWT: the mean over seeds and its spread;
 - paired against moe_cl (same order and seed, so the same test rows and data order): the mean
   difference of each metric and its t-based 95% interval over the pairs; a gap is resolved when the
-  interval excludes 0;
+  interval excludes 0 (never from one pair, nor from pairs that all differ by the same amount);
 - the test-set standard error of ACC: each final accuracy a on n rows is a binomial proportion, so
   ACC (the mean over T tasks) has s.e. sqrt(sum a (1 - a) / n) / T;
 - seconds per training step (the median over the run's steps; meaningful when nothing else ran).
@@ -142,9 +142,11 @@ def acc_standard_error(final: list[float], rows: list[int]) -> float:
 
 
 def interval(diffs: list[float]) -> dict:
-    """Mean of paired differences with its t-based 95% interval (None with fewer than 2 pairs)."""
+    """Mean of paired differences with its t-based 95% interval (None with fewer than 2 pairs, or when the
+    pairs differ by exactly the same amount: a few pairs without spread give a zero-width interval that
+    says nothing, e.g. a metric one method has as 0 by construction against one that repeated by chance)."""
     n, mean = len(diffs), statistics.fmean(diffs)
-    if n < 2:
+    if n < 2 or statistics.stdev(diffs) == 0:
         return {"n": n, "mean": mean, "low": None, "high": None, "resolved": False}
     half = T975.get(n - 1, 1.96) * statistics.stdev(diffs) / math.sqrt(n)
     return {"n": n, "mean": mean, "low": mean - half, "high": mean + half,
@@ -205,7 +207,8 @@ def markdown(table: dict, pairs: dict, orders: dict[str, list[str]], header: str
               "error from the finite test sets; s/step: median seconds per optimizer step."]
     if pairs:
         cell = lambda d: (f"{100 * d['mean']:+.1f}" + (f" [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}]"  # noqa: E731
-                                                       if d["low"] is not None else " [one pair]")
+                                                       if d["low"] is not None
+                                                       else " [one pair]" if d["n"] < 2 else " [no spread]")
                           + (" **resolved**" if d["resolved"] else ""))
         lines += ["", f"Paired against {REFERENCE_ENTRY} (same order and seed), mean difference in points and its "
                   "t-based 95% interval over the pairs; resolved = the interval excludes 0:", "",
