@@ -23,7 +23,7 @@ def _tool(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
 
 
 def test_benchmark_cl_runs_methods_tabulates_pairs_commits_and_resumes(tmp_path, model_cache):
-    """Two methods x two seeds: per-method means and spreads, the binomial s.e. of ACC from the rows each final
+    """Two methods x two seeds, two runs at a time (--jobs 2): per-method means and spreads, the binomial s.e. of ACC from the rows each final
     entry was evaluated on (eval.other_rows shrinks only the entries ACC and BWT do not read), the paired
     differences against moe_cl with their t interval, one git commit per finished run, and a rerun on a
     machine without the run folders that takes every run from the committed results."""
@@ -33,7 +33,7 @@ def test_benchmark_cl_runs_methods_tabulates_pairs_commits_and_resumes(tmp_path,
     for k, v in (("user.email", "bench@example.com"), ("user.name", "bench")):
         subprocess.run(["git", "-C", str(repo), "config", k, v], check=True)
     args = ["tools/benchmark_cl.py", "configs/tiny.yaml", "--orders", "config", "--methods", "moe_cl,per_task_lora",
-            "--seeds", "0,1", "--out", str(out), "--results", str(results), "--commit",
+            "--seeds", "0,1", "--out", str(out), "--results", str(results), "--commit", "--jobs", "2",
             f"model.cache_dir={model_cache}", f"data.cache_dir={tmp_path / 'c'}", "data.max_train_examples=32",
             "data.max_eval_examples=12", "eval.other_rows=4"]
     first = _tool(*args)
@@ -51,6 +51,7 @@ def test_benchmark_cl_runs_methods_tabulates_pairs_commits_and_resumes(tmp_path,
             run = runs[f"{method}/orderconfig/seed{s}"]
             assert run["accuracy"] == m["accuracy"] and run["test_rows"] == [[12, 4], [12, 12]]
             assert run["baseline_rows"] == [4, 4] and run["seconds"] > 0 and run["step_seconds"] > 0
+            assert run["jobs"] == 2 and run["threads"] == 1  # how it ran: side by side, OMP_NUM_THREADS as set
             se = math.sqrt(sum(a * (1 - a) / 12 for a in m["accuracy"][-1])) / 2
             assert run["ACC_se"] == pytest.approx(se)
             # The discriminators' accuracy per stage and class: moe_cl's only (the baseline has none).
@@ -69,6 +70,7 @@ def test_benchmark_cl_runs_methods_tabulates_pairs_commits_and_resumes(tmp_path,
         assert pair["ACC"]["high"] == pytest.approx(sum(diffs) / 2 + half)
     md = (results / "results.md").read_text()
     assert "| moe_cl |" in md and "Paired against moe_cl" in md and "| per_task_lora | 2 |" in md
+    assert "(2 side by side) |" in md  # no run of these methods ran alone: their s/step says so
     assert "MoE-CL | Llama-2-7B | 80.5" in md and (results / "heatmaps.png").read_bytes()[:4] == b"\x89PNG"
     log = subprocess.run(["git", "-C", str(repo), "log", "--format=%s"], capture_output=True, text=True, check=True).stdout
     assert log.count(" ACC ") == 4 and "per_task_lora/orderconfig/seed1 ACC" in log  # one commit per run
@@ -147,11 +149,28 @@ def test_paired_intervals_never_resolve_without_spread():
     assert "| per_task_lora | 2 | +2.0 [-10.7, +14.7] | +0.0 [no spread] | -4.7 [no spread] |" in md
 
 
-def test_benchmark_cl_rejects_unknown_methods_and_orders():
-    for flag, value, message in (("--methods", "lora2", "unknown ['lora2']"), ("--orders", "4", "unknown ['4']")):
-        proc = subprocess.run([sys.executable, "tools/benchmark_cl.py", "configs/tiny.yaml", flag, value], cwd=REPO,
+def test_benchmark_cl_rejects_unknown_methods_orders_and_jobs():
+    for flag, value, message in (("--methods", "lora2", "unknown ['lora2']"), ("--orders", "4", "unknown ['4']"),
+                                 ("--jobs", "0", "--jobs 0: use 1 or more"),
+                                 ("--jobs", "2 --launcher torchrun", "and 1 with --launcher")):
+        proc = subprocess.run([sys.executable, "tools/benchmark_cl.py", "configs/tiny.yaml", flag, *value.split()], cwd=REPO,
                               capture_output=True, text=True, timeout=120)
         assert proc.returncode == 2 and message in proc.stderr
+
+
+def test_benchmark_cl_starts_no_run_after_one_failed(tmp_path):
+    """Two runs side by side fail (a model path that does not exist); the third is never started, and the
+    error names each run's log."""
+    out = tmp_path / "bench"
+    proc = subprocess.run([sys.executable, "tools/benchmark_cl.py", "configs/tiny.yaml", "--orders", "config",
+                           "--methods", "moe_cl", "--seeds", "0,1,2", "--jobs", "2", "--out", str(out),
+                           f"data.cache_dir={tmp_path / 'c'}", f"model.path={tmp_path / 'missing'}"],
+                          cwd=REPO, capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 1 and proc.stdout.count("running") == 2 and "seed 2" not in proc.stdout, proc.stdout
+    assert proc.stderr.count("the sequence failed (exit 2); finished runs are kept") == 2
+    for seed in (0, 1):
+        assert f"Last lines of {out / 'orderconfig' / 'moe_cl' / f'seed{seed}.log'}" in proc.stderr
+    assert "has no config.json" in proc.stderr and not (out / "orderconfig" / "moe_cl" / "seed2").exists()
 
 
 def test_bench_step_reports_every_ratio_in_its_last_line(model_cache):

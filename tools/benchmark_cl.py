@@ -3,7 +3,7 @@
     python tools/benchmark_cl.py configs/bench_cpu.yaml [--methods moe_cl,per_task_lora,...] [--orders 1,2,3]
                                  [--seeds 0,1] [--out runs/bench] [--results results/NAME] [--commit]
                                  [--launcher "torchrun --nproc_per_node 8"] [--task-id given|inferred]
-                                 [key=value ...]
+                                 [--jobs 2] [key=value ...]
 
 For every order x method x seed it runs `python -m trainer sequence CONFIG` with the method's settings
 (`ENTRIES`: a trainer method, or a variant of one), `data.order` and `run.seed` set; one run folder
@@ -23,6 +23,11 @@ What the tables say:
   ACC (the mean over T tasks) has s.e. sqrt(sum a (1 - a) / n) / T;
 - seconds per training step (the median over the run's steps; meaningful when nothing else ran).
 
+`--jobs N` runs N single-process runs side by side on a CPU machine, each with cores/N threads (or the
+OMP_NUM_THREADS you set). On 2 cores two 1-thread runs finish 1.25x (training) to 1.35x (evaluation) more
+work per hour than one 2-thread run (README: Results), at the price of slower steps: a run records how it
+ran (`jobs`, `threads`), and the s/step column takes runs that ran alone where a method has any.
+
 Orders are the MTL5 orders of O-LoRA / MoE-CL; `--orders config` uses the config's own data.order.
 `--task-id inferred` runs every method with `eval.task_id=inferred`: each test row is served as a
 deployment without task ids would serve it, the run's task router choosing the task (its prompt and
@@ -33,13 +38,16 @@ the experts of methods that pick experts by task). The tables then report the in
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import dataclasses
 import json
 import math
+import os
 import shlex
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -80,14 +88,14 @@ T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8
 PER_RUN = ("run.dir", "run.seed", "experts.method", "data.order", "eval.task_id")  # set by this tool per run
 
 
-def run_one(cmd: list[str], run_dir: Path, log: Path) -> float:
+def run_one(cmd: list[str], run_dir: Path, log: Path, env: dict | None = None) -> float:
     """Run one sequence, its output to `log`; returns seconds. Raises with the log's tail on failure."""
     run_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     with open(log, "a") as f:
         f.write(f"$ {shlex.join(cmd)}\n")
         f.flush()
-        rc = subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT).returncode
+        rc = subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, env=env).returncode
     if rc != 0:
         tail = "".join(log.read_text(errors="replace").splitlines(keepends=True)[-15:])
         raise RuntimeError(f"{run_dir}: the sequence failed (exit {rc}); finished runs are kept, rerun to "
@@ -111,9 +119,10 @@ def complete(run_dir: Path, order: list[str], task_id: str = "given") -> dict | 
     return None
 
 
-def run_record(run_dir: Path, m: dict, seconds: float | None) -> dict:
+def run_record(run_dir: Path, m: dict, seconds: float | None, how: dict | None = None) -> dict:
     """What results.json keeps of one finished run: its metrics and matrices, the test rows behind each
-    entry, the ACC standard error, seconds per step and the discriminators' accuracy per stage."""
+    entry, the ACC standard error, seconds per step (and `how` it ran: jobs side by side, threads) and
+    the discriminators' accuracy per stage."""
     rows = m["test_rows"] if "test_rows" in m else [list(test_rows(run_dir).values())] * len(m["accuracy"])
     stages = sorted((run_dir / "stages").glob("*/stage.json"), key=lambda p: int(p.parent.name.split("-")[0]))
     manifests = [json.loads(p.read_text()) for p in stages]
@@ -123,7 +132,7 @@ def run_record(run_dir: Path, m: dict, seconds: float | None) -> dict:
     record.update({"test_rows": rows, "ACC_se": acc_standard_error(m["accuracy"][-1], rows[-1]),
                    "step_seconds": statistics.median(steps) if steps else None, "seconds": seconds,
                    "discriminator_accuracy": [s["train"].get("discriminator_accuracy") for s in manifests],
-                   "commit": manifests[-1]["versions"].get("commit") if manifests else None})
+                   "commit": manifests[-1]["versions"].get("commit") if manifests else None, **(how or {})})
     return record
 
 
@@ -168,7 +177,8 @@ def paired(runs: dict[tuple[str, str, int], dict], methods: list[str], ref: str 
 
 def summarize(runs: dict[tuple[str, str, int], dict], orders: dict[str, list[str]], methods: list[str]) -> dict:
     """Per method and order: mean and spread (population std; 0 for one seed) of ACC, BWT, FWT over seeds,
-    the test-set standard error of the mean ACC, and the median seconds per training step."""
+    the test-set standard error of the mean ACC, and the median seconds per training step (over the runs
+    that ran alone if the method has any; `step_jobs` says how many ran side by side in the ones taken)."""
     table = {}
     for method in methods:
         per_order = {}
@@ -181,8 +191,10 @@ def summarize(runs: dict[tuple[str, str, int], dict], orders: dict[str, list[str
             per_order[o]["seeds"] = len(ms)
             per_order[o]["ACC_se"] = math.sqrt(sum(m["ACC_se"] ** 2 for m in ms)) / len(ms)
         if per_order:
-            steps = [m["step_seconds"] for (mm, _, _), m in runs.items() if mm == method and m.get("step_seconds")]
-            table[method] = {"orders": per_order,
+            timed = [m for (mm, _, _), m in runs.items() if mm == method and m.get("step_seconds")]
+            jobs = min((m.get("jobs", 1) for m in timed), default=1)
+            steps = [m["step_seconds"] for m in timed if m.get("jobs", 1) == jobs]
+            table[method] = {"orders": per_order, "step_jobs": jobs,
                              "mean_ACC": statistics.fmean(v["ACC"]["mean"] for v in per_order.values()),
                              "mean_ACC_se": math.sqrt(sum(v["ACC_se"] ** 2 for v in per_order.values())) / len(per_order),
                              "step_seconds": statistics.median(steps) if steps else None}
@@ -200,11 +212,13 @@ def markdown(table: dict, pairs: dict, orders: dict[str, list[str]], header: str
         for o in o_names:
             r = t["orders"].get(o)
             cells.append(f"{pm(r['ACC'])} / {pm(r['BWT'])} / {pm(r['FWT'])} ({r['seeds']})" if r else "-")
-        step = f"{t['step_seconds']:.2f}" if t["step_seconds"] else "-"
+        step = (f"{t['step_seconds']:.2f}" + (f" ({t['step_jobs']} side by side)" if t["step_jobs"] > 1 else "")
+                if t["step_seconds"] else "-")
         lines.append(f"| {method} | {' | '.join(cells)} | {100 * t['mean_ACC']:.1f} ± {100 * t['mean_ACC_se']:.1f} | {step} |")
     lines += ["", "Orders: " + "; ".join(f"{o} = {' → '.join(orders[o])}" for o in o_names),
               "Accuracy in %; BWT/FWT in points; (n) seeds, ± their spread; the test s.e. is the binomial standard "
-              "error from the finite test sets; s/step: median seconds per optimizer step."]
+              "error from the finite test sets; s/step: median seconds per optimizer step of the runs that ran alone "
+              "(or side by side, as marked, when a method has no run alone)."]
     if pairs:
         cell = lambda d: (f"{100 * d['mean']:+.1f}" + (f" [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}]"  # noqa: E731
                                                        if d["low"] is not None
@@ -333,6 +347,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--launcher", default="", help='e.g. "torchrun --nproc_per_node 8" (default: one process)')
     ap.add_argument("--task-id", choices=("given", "inferred"), default="given",
                     help="evaluate with each row's task id given, or inferred by the run's task router")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="runs side by side (CPU, one process each; each gets cores/N threads unless OMP_NUM_THREADS is set)")
     args = ap.parse_intermixed_args(argv)
     methods = args.methods.split(",")
     unknown = [m for m in methods if m not in ENTRIES]
@@ -340,6 +356,9 @@ def main(argv=None) -> dict:
         cfg = load_config(args.config, args.overrides)
         if unknown:
             raise ConfigError(f"--methods: unknown {unknown}; choose from {', '.join(ENTRIES)}")
+        if args.jobs < 1 or (args.jobs > 1 and args.launcher):
+            raise ConfigError(f"--jobs {args.jobs}: use 1 or more, and 1 with --launcher (side-by-side runs are "
+                              f"single-process CPU runs; give a distributed benchmark its own nodes)")
         names = args.orders.split(",")
         if names == ["config"]:
             orders = {"config": cfg.data.order}
@@ -377,35 +396,65 @@ def main(argv=None) -> dict:
                              listed, header, base, args.task_id, plots)
 
     todo = [(m, o, s) for o in orders for s in seeds for m in methods]  # each (order, seed) pair completes in turn
-    t_all = time.time()
-    for i, (method, o, seed) in enumerate(todo, start=1):
-        run_dir = out / f"order{o}" / method / f"seed{seed}"
-        label = f"[{i}/{len(todo)}] {method}, order {o}, seed {seed}"
-        if (method, o, seed) in recorded:
-            print(f"{label}: already in {results / 'results.json'}", flush=True)
-            continue
-        seconds = None
-        if (m := complete(run_dir, orders[o], args.task_id)) is None:
-            print(f"{label}: running ({run_dir}) ...", flush=True)
-            trainer_method, extra = ENTRIES[method]
-            cmd = launcher + ["sequence", str(args.config), *args.overrides, *extra, f"run.dir={run_dir}",
-                              f"experts.method={trainer_method}", f"data.order=[{','.join(orders[o])}]",
-                              f"run.seed={seed}", f"eval.task_id={args.task_id}"]
-            try:
-                seconds = run_one(cmd, run_dir, run_dir.parent / f"seed{seed}.log")
-            except RuntimeError as e:
-                print(f"error: {e}", file=sys.stderr)
-                raise SystemExit(1) from None
-            m = complete(run_dir, orders[o], args.task_id)
-        else:
+    env = dict(os.environ)
+    if args.jobs > 1 and not env.get("OMP_NUM_THREADS"):
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // args.jobs))
+    how = {"jobs": args.jobs, "threads": int(env["OMP_NUM_THREADS"]) if env.get("OMP_NUM_THREADS", "").isdigit() else None}
+
+    def run_dir_of(method: str, o: str, seed: int) -> Path:
+        return out / f"order{o}" / method / f"seed{seed}"
+
+    failed = threading.Event()  # after a failure no run starts; those running finish and are kept
+
+    def launch(label: str, method: str, o: str, seed: int) -> tuple[dict | None, float | None]:
+        """One run (in a worker thread): its metrics (None: not started after a failure), and its seconds
+        if it ran now (None: found complete)."""
+        if failed.is_set():
+            return None, None
+        run_dir = run_dir_of(method, o, seed)
+        if (m := complete(run_dir, orders[o], args.task_id)) is not None:
             print(f"{label}: already complete", flush=True)
-        runs[(method, o, seed)] = r = run_record(run_dir, m, seconds)
-        print(f"{label}: ACC {r['ACC']:.3f} (test s.e. {r['ACC_se']:.3f})  BWT {r['BWT']:+.3f}  FWT {r['FWT']:+.3f}"
-              + (f"  (task ids inferred; given: ACC {r['given']['ACC']:.3f})" if "given" in r else ""), flush=True)
-        tables(plots=False)  # the tables after every run; the heatmaps (a binary file) once, at the end
-        if args.commit:
-            commit(results, f"Benchmark {results.name}: {method}/order{o}/seed{seed} ACC {100 * r['ACC']:.1f} "
-                            f"BWT {100 * r['BWT']:+.1f} FWT {100 * r['FWT']:+.1f}")
+            return m, None
+        print(f"{label}: running ({run_dir}) ...", flush=True)
+        trainer_method, extra = ENTRIES[method]
+        cmd = launcher + ["sequence", str(args.config), *args.overrides, *extra, f"run.dir={run_dir}",
+                          f"experts.method={trainer_method}", f"data.order=[{','.join(orders[o])}]",
+                          f"run.seed={seed}", f"eval.task_id={args.task_id}"]
+        try:
+            seconds = run_one(cmd, run_dir, run_dir.parent / f"seed{seed}.log", env)
+        except RuntimeError:
+            failed.set()
+            raise
+        return complete(run_dir, orders[o], args.task_id), seconds
+
+    t_all = time.time()
+    with concurrent.futures.ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        futures = {}
+        for i, (method, o, seed) in enumerate(todo, start=1):
+            label = f"[{i}/{len(todo)}] {method}, order {o}, seed {seed}"
+            if (method, o, seed) in recorded:
+                print(f"{label}: already in {results / 'results.json'}", flush=True)
+            else:
+                futures[pool.submit(launch, label, method, o, seed)] = (label, method, o, seed)
+        for future in concurrent.futures.as_completed(futures):  # recorded and committed as each finishes
+            label, method, o, seed = futures[future]
+            try:
+                m, seconds = future.result()
+            except RuntimeError as e:
+                print(f"error: {e}", file=sys.stderr, flush=True)
+                continue
+            if m is None:
+                continue
+            runs[(method, o, seed)] = r = run_record(run_dir_of(method, o, seed), m, seconds,
+                                                     how if seconds is not None else None)
+            print(f"{label}: ACC {r['ACC']:.3f} (test s.e. {r['ACC_se']:.3f})  BWT {r['BWT']:+.3f}  FWT {r['FWT']:+.3f}"
+                  + (f"  (task ids inferred; given: ACC {r['given']['ACC']:.3f})" if "given" in r else ""), flush=True)
+            tables(plots=False)  # the tables after every run; the heatmaps (a binary file) once, at the end
+            if args.commit:
+                commit(results, f"Benchmark {results.name}: {method}/order{o}/seed{seed} ACC {100 * r['ACC']:.1f} "
+                                f"BWT {100 * r['BWT']:+.1f} FWT {100 * r['FWT']:+.1f}")
+    if failed.is_set():
+        raise SystemExit(1)
     md = tables(plots=True)
     if args.commit:
         commit(results, f"Benchmark {results.name}: {len(runs)} runs, heatmaps")
