@@ -359,7 +359,7 @@ def main(argv=None) -> dict:
             raise ConfigError(f"--methods: unknown {unknown}; choose from {', '.join(ENTRIES)}")
         if args.jobs < 1 or (args.jobs > 1 and args.launcher):
             raise ConfigError(f"--jobs {args.jobs}: use 1 or more, and 1 with --launcher (side-by-side runs are "
-                              f"single-process CPU runs; give a distributed benchmark its own nodes)")
+                              "single-process CPU runs; give a distributed benchmark its own nodes)")
         names = args.orders.split(",")
         if names == ["config"]:
             orders = {"config": cfg.data.order}
