@@ -222,9 +222,15 @@ class DeepSpeedStrategy(Strategy):
     def __init__(self, cfg: Config, training: bool = False):
         import deepspeed
         import torch.distributed as dist
+        from deepspeed.accelerator import get_accelerator
 
         _single_process_env()
         cuda = torch.cuda.is_available()
+        if resolve_dtype(cfg.model) == torch.float16 and not get_accelerator().is_fp16_supported():
+            # DeepSpeed's own refusal comes only after the base is loaded, as "Type fp16 is not supported".
+            raise ConfigError(f"model.dtype=float16: DeepSpeed does not run float16 on this {get_accelerator().device_name()} "
+                              "(its CPU accelerator needs oneDNN float16, i.e. AVX512-FP16 or AMX-FP16); "
+                              "use model.dtype=bfloat16 or float32")
         if not cuda:
             # The CPU accelerator builds a C++ shared-memory all-reduce op on first init (~70 s,
             # 1.5 GB); it only serves inference all-reduce, which this trainer does not use.
