@@ -59,7 +59,7 @@ def test_benchmark_cl_runs_methods_tabulates_pairs_commits_and_resumes(tmp_path,
             assert ([set(d) for d in disc] == [{"agnews"}, {"yelp"}] and all(0 <= a <= 1 for d in disc for a in d.values())
                     if method == "moe_cl" else disc == [None, None])
     diffs = [runs[f"per_task_lora/orderconfig/seed{s}"]["ACC"] - runs[f"moe_cl/orderconfig/seed{s}"]["ACC"] for s in (0, 1)]
-    pair = result["paired"]["per_task_lora"]
+    pair = result["paired"]["moe_cl"]["per_task_lora"]
     assert pair["pairs"] == ["orderconfig/seed0", "orderconfig/seed1"] and pair["ACC"]["n"] == 2
     half = 12.706 * abs(diffs[0] - diffs[1]) / math.sqrt(2) / math.sqrt(2)  # t(1) x sample sd / sqrt(n)
     assert pair["ACC"]["mean"] == pytest.approx(sum(diffs) / 2)
@@ -79,9 +79,12 @@ def test_benchmark_cl_runs_methods_tabulates_pairs_commits_and_resumes(tmp_path,
     import shutil
 
     shutil.rmtree(out)
-    again = _tool(*args)
+    again = _tool(*args, "--against", "per_task_lora")  # and the tables paired the other way round too
     assert "running" not in again.stdout and again.stdout.count("already in") == 4
-    assert json.loads((results / "results.json").read_text())["runs"] == runs
+    result = json.loads((results / "results.json").read_text())
+    assert result["runs"] == runs and list(result["paired"]) == ["moe_cl", "per_task_lora"]
+    assert result["paired"]["per_task_lora"]["moe_cl"]["ACC"]["mean"] == pytest.approx(-sum(diffs) / 2)
+    assert "Paired against per_task_lora " in (results / "results.md").read_text()
     # Other settings, or other task-id handling, cannot be mixed into the same results.
     for extra in (["data.max_eval_examples=10"], ["--task-id", "inferred"]):
         proc = subprocess.run([sys.executable, *args, *extra], cwd=REPO, capture_output=True, text=True, timeout=600)
@@ -143,15 +146,17 @@ def test_paired_intervals_never_resolve_without_spread():
     runs = {(m, "1", s): {"ACC": a, "BWT": 0.0, "FWT": f, "ACC_se": 0.01}
             for m, s, a, f in (("moe_cl", 0, 0.70, 0.047), ("moe_cl", 1, 0.71, 0.047),
                                ("per_task_lora", 0, 0.73, 0.0), ("per_task_lora", 1, 0.72, 0.0))}
-    pairs = bench.paired(runs, ["moe_cl", "per_task_lora"])
-    md = bench.markdown(bench.summarize(runs, {"1": ["a", "b"]}, ["moe_cl", "per_task_lora"]), pairs,
-                        {"1": ["a", "b"]}, "header")
+    methods = ["moe_cl", "per_task_lora"]
+    pairs = {ref: bench.paired(runs, methods, ref) for ref in methods}  # --against per_task_lora: the other way round
+    md = bench.markdown(bench.summarize(runs, {"1": ["a", "b"]}, methods), pairs, {"1": ["a", "b"]}, "header")
     assert "| per_task_lora | 2 | +2.0 [-10.7, +14.7] | +0.0 [no spread] | -4.7 [no spread] |" in md
+    assert md.index("Paired against moe_cl ") < md.index("Paired against per_task_lora ")
+    assert "| moe_cl | 2 | -2.0 [-14.7, +10.7] | +0.0 [no spread] | +4.7 [no spread] |" in md
 
 
 def test_benchmark_cl_rejects_unknown_methods_orders_and_jobs():
     for flag, value, message in (("--methods", "lora2", "unknown ['lora2']"), ("--orders", "4", "unknown ['4']"),
-                                 ("--jobs", "0", "--jobs 0: use 1 or more"),
+                                 ("--jobs", "0", "--jobs 0: use 1 or more"), ("--against", "moe", "unknown ['moe']"),
                                  ("--jobs", "2 --launcher torchrun", "and 1 with --launcher")):
         proc = subprocess.run([sys.executable, "tools/benchmark_cl.py", "configs/tiny.yaml", flag, *value.split()], cwd=REPO,
                               capture_output=True, text=True, timeout=120)

@@ -3,7 +3,7 @@
     python tools/benchmark_cl.py configs/bench_cpu.yaml [--methods moe_cl,per_task_lora,...] [--orders 1,2,3]
                                  [--seeds 0,1] [--out runs/bench] [--results results/NAME] [--commit]
                                  [--launcher "torchrun --nproc_per_node 8"] [--task-id given|inferred]
-                                 [--jobs 2] [key=value ...]
+                                 [--jobs 2] [--against moe_cl,moe_cl_noise] [key=value ...]
 
 For every order x method x seed it runs `python -m trainer sequence CONFIG` with the method's settings
 (`ENTRIES`: a trainer method, or a variant of one), `data.order` and `run.seed` set; one run folder
@@ -16,9 +16,10 @@ setting: the config and overrides must match those it was measured with.
 
 What the tables say:
 - per method and order, ACC / BWT / FWT: the mean over seeds and its spread;
-- paired against moe_cl (same order and seed, so the same test rows and data order): the mean
-  difference of each metric and its t-based 95% interval over the pairs; a gap is resolved when the
-  interval excludes 0 (never from one pair, nor from pairs that all differ by the same amount);
+- paired against moe_cl, and against each other entry named by `--against` (same order and seed, so
+  the same test rows and data order): the mean difference of each metric and its t-based 95% interval
+  over the pairs; a gap is resolved when the interval excludes 0 (never from one pair, nor from pairs
+  that all differ by the same amount). `--against` only changes the tables, never what runs;
 - the test-set standard error of ACC: each final accuracy a on n rows is a binomial proportion, so
   ACC (the mean over T tasks) has s.e. sqrt(sum a (1 - a) / n) / T;
 - seconds per training step (the median over the run's steps; meaningful when nothing else ran).
@@ -202,7 +203,9 @@ def summarize(runs: dict[tuple[str, str, int], dict], orders: dict[str, list[str
     return table
 
 
-def markdown(table: dict, pairs: dict, orders: dict[str, list[str]], header: str) -> str:
+def markdown(table: dict, pairs: dict[str, dict], orders: dict[str, list[str]], header: str) -> str:
+    """results.md: per-method figures, then one paired table per reference in `pairs` (reference -> method ->
+    differences), then the papers' reference figures."""
     o_names = [o for o in orders if any(o in t["orders"] for t in table.values())]
     cols = " | ".join(f"order {o}: ACC / BWT / FWT" for o in o_names)
     lines = [header, "", f"| method | {cols} | mean ACC ± test s.e. | s/step |",
@@ -220,16 +223,18 @@ def markdown(table: dict, pairs: dict, orders: dict[str, list[str]], header: str
               "Accuracy in %; BWT/FWT in points; (n) seeds, ± their spread; the test s.e. is the binomial standard "
               "error from the finite test sets; s/step: median seconds per optimizer step of the runs that ran alone "
               "(or side by side, as marked, when a method has no run alone)."]
-    if pairs:
-        cell = lambda d: (f"{100 * d['mean']:+.1f}" + (f" [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}]"  # noqa: E731
-                                                       if d["low"] is not None
-                                                       else " [one pair]" if d["n"] < 2 else " [no spread]")
-                          + (" **resolved**" if d["resolved"] else ""))
-        lines += ["", f"Paired against {REFERENCE_ENTRY} (same order and seed), mean difference in points and its "
-                  "t-based 95% interval over the pairs; resolved = the interval excludes 0:", "",
+    cell = lambda d: (f"{100 * d['mean']:+.1f}" + (f" [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}]"  # noqa: E731
+                                                   if d["low"] is not None
+                                                   else " [one pair]" if d["n"] < 2 else " [no spread]")
+                      + (" **resolved**" if d["resolved"] else ""))
+    for ref, against in pairs.items():
+        if not against:
+            continue
+        lines += ["", f"Paired against {ref} (same order and seed), the method's minus {ref}'s, mean difference in "
+                  "points and its t-based 95% interval over the pairs; resolved = the interval excludes 0:", "",
                   "| method | pairs | ΔACC | ΔBWT | ΔFWT |", "|---|---|---|---|---|"]
         lines += [f"| {m} | {len(d['pairs'])} | {cell(d['ACC'])} | {cell(d['BWT'])} | {cell(d['FWT'])} |"
-                  for m, d in pairs.items()]
+                  for m, d in against.items()]
     lines += ["", "Reference (a secondary summary of the papers, not measured here; mean ACC over MTL5 orders 1-3):", "",
               "| method | base | mean ACC |", "|---|---|---|"]
     lines += [f"| {m} | {b} | {a} |" for m, b, a in REFERENCE]
@@ -320,9 +325,9 @@ def commit(results: Path, message: str, attempts: int = 5) -> None:
 
 
 def write_results(results: Path, runs: dict, orders: dict, methods: list[str], header: str, base: dict,
-                  task_id: str, plots: bool = True) -> str:
+                  task_id: str, plots: bool = True, against: tuple[str, ...] = (REFERENCE_ENTRY,)) -> str:
     table = summarize(runs, orders, methods)
-    pairs = paired(runs, methods)
+    pairs = {ref: paired(runs, methods, ref) for ref in against}  # reference -> method -> differences
     result = {**base, "methods": table, "paired": pairs,
               "runs": {f"{m}/order{o}/seed{s}": r for (m, o, s), r in sorted(runs.items())},
               "reference": [{"method": m, "base": b, "mean_ACC": a} for m, b, a in REFERENCE]}
@@ -348,15 +353,20 @@ def main(argv=None) -> dict:
     ap.add_argument("--launcher", default="", help='e.g. "torchrun --nproc_per_node 8" (default: one process)')
     ap.add_argument("--task-id", choices=("given", "inferred"), default="given",
                     help="evaluate with each row's task id given, or inferred by the run's task router")
+    ap.add_argument("--against", default=REFERENCE_ENTRY,
+                    help=f"comma-separated entries to pair every method against (tables only; default {REFERENCE_ENTRY})")
     ap.add_argument("--jobs", type=int, default=1,
                     help="runs side by side (CPU, one process each; each gets cores/N threads unless OMP_NUM_THREADS is set)")
     args = ap.parse_intermixed_args(argv)
     methods = args.methods.split(",")
+    against = tuple(dict.fromkeys([REFERENCE_ENTRY, *args.against.split(",")]))
     unknown = [m for m in methods if m not in ENTRIES]
     try:
         cfg = load_config(args.config, args.overrides)
         if unknown:
             raise ConfigError(f"--methods: unknown {unknown}; choose from {', '.join(ENTRIES)}")
+        if bad := [m for m in against if m not in ENTRIES]:
+            raise ConfigError(f"--against: unknown {bad}; choose from {', '.join(ENTRIES)}")
         if args.jobs < 1 or (args.jobs > 1 and args.launcher):
             raise ConfigError(f"--jobs {args.jobs}: use 1 or more, and 1 with --launcher (side-by-side runs are "
                               "single-process CPU runs; give a distributed benchmark its own nodes)")
@@ -394,7 +404,7 @@ def main(argv=None) -> dict:
         """results.json/md (and the heatmaps when `plots`) over every run so far, in the methods' order."""
         listed = [m for m in dict.fromkeys([m for (m, _, _) in sorted(runs)] + methods) if any(k[0] == m for k in runs)]
         return write_results(results, runs, {**{o: ORDERS.get(o, cfg.data.order) for (_, o, _) in runs}, **orders},
-                             listed, header, base, args.task_id, plots)
+                             listed, header, base, args.task_id, plots, against)
 
     todo = [(m, o, s) for o in orders for s in seeds for m in methods]  # each (order, seed) pair completes in turn
     env = dict(os.environ)
