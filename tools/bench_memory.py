@@ -60,6 +60,7 @@ def worker(config: str, overrides: list[str], out: Path) -> None:
                "moment_bytes": moments,
                "max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
     (out / f"rank{strategy.rank}.json").write_text(json.dumps(figures))
+    strategy.close()  # as the trainer does: gloo threads left running can abort the exit
 
 
 def run(ranks: int, config: str, overrides: list[str]) -> list[dict]:
