@@ -155,16 +155,17 @@ def test_paired_intervals_never_resolve_without_spread():
 
 
 def test_benchmark_entries_mean_the_same_runs_whatever_the_configs_discriminator_extra():
-    """configs/mtl5_7b.yaml picks discriminator_extra: noise. Under it every entry still builds a valid config
+    """configs/mtl5_7b.yaml and demo.yaml pick discriminator_extra: noise. Under them every entry still builds a valid config
     (methods without discriminators would refuse noise), `moe_cl` and its ablations stay the paper's form,
     and only the noise and memory entries add a class."""
     spec = importlib.util.spec_from_file_location("benchmark_cl", REPO / "tools" / "benchmark_cl.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     from trainer.config import load_config
-    assert load_config(REPO / "configs" / "mtl5_7b.yaml", []).experts.discriminator_extra == "noise"
+    for config in ("mtl5_7b.yaml", "demo.yaml"):
+        assert load_config(REPO / "configs" / config, []).experts.discriminator_extra == "noise", config
     for name, (method, extra) in bench.ENTRIES.items():
-        for config in ("mtl5_7b.yaml", "bench_cpu.yaml"):
+        for config in ("mtl5_7b.yaml", "demo.yaml", "bench_cpu.yaml"):
             cfg = load_config(REPO / "configs" / config, [*extra, f"experts.method={method}"])
             want = {"moe_cl_noise": "noise", "moe_cl_memory": "memory"}.get(name, "none")
             assert (cfg.experts.method, cfg.experts.discriminator_extra) == (method, want), (name, config)
