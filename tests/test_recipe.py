@@ -236,6 +236,17 @@ def test_baseline_methods_run_end_to_end(tmp_path, model_cache, method, experts)
         for i, t in enumerate(("agnews", "yelp")):
             rows = [p for p in preds if p["task"] == t]
             assert sum(p["prediction"] == p["gold"] for p in rows) / len(rows) == metrics["accuracy"][1][i]
+        # tools/mocl_study.py retrains stage 1's key from the queries alone (its only gradient there is the
+        # matching loss) and lands on the run's key; its figures are shares and softmax weights
+        study = subprocess.run([sys.executable, "tools/mocl_study.py", "configs/tiny.yaml",
+                                *_overrides(tmp_path, model_cache), "--run", str(run), "--lr-mults", "1,10",
+                                "--eval-rows", "12"], cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert study.returncode == 0, study.stderr[-3000:]
+        figures = json.loads(study.stdout.strip().splitlines()[-1])
+        assert figures["run"]["x1_error"]["agnews"] < 0.2
+        for routing in (*figures["lr_mults"].values(), figures["run"]["routing"]):
+            assert set(routing) == {"agnews", "yelp"}
+            assert all(0 <= f["top"] <= 1 and 0 < f["own@8"] < 1 for f in routing.values())
     assert len(metrics["accuracy"]) == 2 and isinstance(metrics["ACC"], float)
     if method == "per_task_lora":  # an unseen task meets the untouched base: no transfer, by construction
         assert metrics["accuracy"][0][1] == metrics["baseline"][1]
