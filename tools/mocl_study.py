@@ -35,23 +35,18 @@ sys.path.insert(0, str(REPO))
 
 from trainer.checkpoint import RunDir  # noqa: E402
 from trainer.config import load_config  # noqa: E402
-from trainer.data import PromptFormat, load_tasks, step_batches  # noqa: E402
+from trainer.data import PromptFormat, collate, load_tasks, step_batches, steps_per_epoch  # noqa: E402
 from trainer.distributed import LocalStrategy  # noqa: E402
-from trainer.model import MoECLModel  # noqa: E402
-from trainer.moe import masked_mean  # noqa: E402
+from trainer.model import IGNORE, MoECLModel  # noqa: E402
 from trainer.recipe import encode, load_model, lr_lambda, seed_everything  # noqa: E402
 
 
-@torch.no_grad()
-def queries(model: MoECLModel, rows: list[dict], batch: int = 64) -> torch.Tensor:
-    """(rows, hidden) float32: each row's mean token embedding over its prompt, as `composition` computes it."""
-    embed, out = model.base.get_input_embeddings(), []
+def queries(model: MoECLModel, rows: list[dict], pad: int, batch: int = 64) -> torch.Tensor:
+    """(rows, hidden) float32: each row's MoCL query over its prompt tokens, as a training step takes it."""
+    out = []
     for start in range(0, len(rows), batch):
-        prompts = [r["input_ids"][: r["prompt_len"]] for r in rows[start:start + batch]]
-        width = max(len(p) for p in prompts)
-        ids = torch.tensor([p + [0] * (width - len(p)) for p in prompts])
-        mask = torch.tensor([[1] * len(p) + [0] * (width - len(p)) for p in prompts])
-        out.append(masked_mean(embed(ids).float(), mask))
+        b = collate(rows[start:start + batch], pad)
+        out.append(model.mocl_query(b["input_ids"], b["attention_mask"] * (b["labels"] == IGNORE)))
     return torch.cat(out)
 
 
@@ -74,7 +69,7 @@ def train_keys(initial: dict[str, torch.Tensor], cfg, train_q: dict[str, torch.T
         key = torch.nn.Parameter(initial[task].clone())
         opt = torch.optim.AdamW([key], lr=tc.lr * mult, weight_decay=tc.weight_decay)
         accum = tc.accumulation(1)
-        total = tc.max_steps or tc.epochs * (len(train_q[task]) // (tc.micro_batch_size * accum))
+        total = tc.max_steps or tc.epochs * steps_per_epoch(len(train_q[task]), tc.micro_batch_size * accum)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total, tc))
         for step in range(total):
             opt.zero_grad()
@@ -118,9 +113,10 @@ def main(argv=None) -> dict:
     fmt = PromptFormat(tok, cfg.data)
     tasks = {t.name: t for t in load_tasks(cfg.data, cfg.run.seed)}
     order = cfg.data.order
-    train_q = {t: queries(model, list(encode(fmt, tasks[t], "train", strategy).rows)) for t in order}
+    pad = tok.pad_token_id
+    train_q = {t: queries(model, list(encode(fmt, tasks[t], "train", strategy).rows), pad) for t in order}
     test_rows = {t: encode(fmt, tasks[t], "test", strategy).rows for t in order}
-    test_q = {t: queries(model, [test_rows[t][i] for i in range(min(args.eval_rows, len(test_rows[t])))])
+    test_q = {t: queries(model, [test_rows[t][i] for i in range(min(args.eval_rows, len(test_rows[t])))], pad)
               for t in order}
     normed = {t: F.normalize(q, dim=-1) for t, q in test_q.items()}
     pairs = {t: {u: float((normed[t] @ normed[u].T).mean()) for u in order} for t in order}
@@ -146,8 +142,8 @@ def main(argv=None) -> dict:
         record = RunDir(args.run).require_stage(len(order), order)
         if record.manifest["config"]["experts"]["method"] != "mocl":
             sys.exit(f"error: --run {args.run}: not a mocl run")
-        run_model, _, _, _ = load_model(cfg, record, strategy)
-        keys = {t: run_model.task_keys[t].vector.detach().float().clone() for t in order}
+        tensors = record.read_adapters()
+        keys = {t: tensors[f"keys.{t}.vector"].float() for t in order}
         figures = routing(keys, test_q, scales)
         result["run"] = {"dir": args.run, "routing": figures}
         show(f"the keys of {args.run}", figures)

@@ -353,13 +353,17 @@ class MoECLModel(nn.Module):
                 raise ValueError("mocl weighs its experts by each row's tokens: pass input_ids")
             r.weights, r.query_cos = self.composition(input_ids, mask if query_mask is None else query_mask, summed)
 
+    @torch.no_grad()
+    def mocl_query(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """MoCL's query of each row: (batch, hidden) float32, its mean frozen token embedding over `mask`."""
+        return masked_mean(self.base.get_input_embeddings()(input_ids).float(), mask)
+
     def composition(self, input_ids: torch.Tensor, mask: torch.Tensor, tasks: tuple[str, ...]
                     ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """MoCL's weights of `tasks`' experts per row: softmax over tasks of scale x cos(query, key_t), the
         query being the row's mean (frozen) token embedding over `mask`. Returns ({task: (batch, 1, 1)},
         the cosines (batch, tasks))."""
-        with torch.no_grad():
-            query = masked_mean(self.base.get_input_embeddings()(input_ids).float(), mask)
+        query = self.mocl_query(input_ids, mask)
         cos = torch.stack([self.task_keys[t](query) for t in tasks], dim=-1)
         w = torch.softmax(self.mocl_scale * cos, dim=-1)
         return {t: w[:, i].view(-1, 1, 1) for i, t in enumerate(tasks)}, cos
