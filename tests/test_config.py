@@ -149,7 +149,7 @@ def test_every_argument_of_every_verb_has_help():
     missing = [f"{verb} {a.dest}" for verb, sp in verbs.choices.items() for a in sp._actions
                if not isinstance(a, argparse._HelpAction) and not a.help]
     assert not missing, missing
-    assert set(verbs.choices) == {"config", "sequence", "stage", "evaluate", "submit", "report", "extract", "merge",
+    assert set(verbs.choices) == {"config", "sequence", "stage", "evaluate", "plan", "submit", "report", "extract", "merge",
                                   "export", "predict", "inspect"}
 
 

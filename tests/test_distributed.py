@@ -369,3 +369,91 @@ def test_activation_checkpointing_recomputes_layers_with_gathered_weights_under_
     for r in (json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)):
         assert r["forward"] == [[0, 128 * 64], [1, 128 * 64]]  # tiny-llama: intermediate 128, hidden 64
         assert r["backward"] == [[1, 128 * 64], [0, 128 * 64]]
+
+
+def test_auto_ds_config_picks_by_the_plan_and_records_it(tmp_path, model_cache):
+    """distributed.ds_config=auto: the tiny base fits every rank whole, so the plan picks ZeRO-2 (the least
+    communication), the stage runs under it, and stage.json records the plan and the choice."""
+    torchrun(2, "stage", "configs/tiny.yaml", *_overrides(tmp_path, model_cache, "run", **{
+        "distributed.ds_config": "auto", "eval.val": False}), "--stage", "1")
+    d = _manifest(tmp_path, "run")["distributed"]
+    assert d["strategy"] == "deepspeed" and d["choice"] == "zero2" and d["zero_stage"] == 2
+    assert d["ds_config"] == "ds_configs/zero2.json"
+    plan = d["plan"]
+    assert plan["cluster"]["nodes"] == 1 and plan["cluster"]["gpus_per_node"] == 2 and plan["cluster"]["device"] == "cpu"
+    layouts = {o["layout"]: o for o in plan["options"]}
+    assert set(layouts) == {"zero2", "zero3", "zero3_offload"}  # one node: no hpZ
+    assert layouts["zero2"]["communication"] < layouts["zero3"]["communication"]
+    assert d["planned_bytes_per_rank"] == layouts["zero2"]["total"]
+
+
+GATHER_PROBE = r'''
+import sys
+import torch, torch.distributed as dist
+import deepspeed
+sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
+deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
+import deepspeed.comm.comm as ds_comm
+from trainer.distributed import _all_gather_by_broadcasts
+
+plain = ds_comm.cdb.all_gather_into_tensor
+_all_gather_by_broadcasts()
+assert ds_comm.cdb.all_gather_into_tensor is not plain
+rank = dist.get_rank()
+sub = dist.new_group([0, 2])  # a subgroup whose members are not ranks 0..n-1 (as hpZ's node groups)
+for group, members in ((None, [0, 1, 2]), (sub, [0, 2])):
+    if rank not in members:
+        continue
+    for dtype, shape in ((torch.bfloat16, (5, 3)), (torch.float32, (7,))):
+        x = torch.arange(torch.Size(shape).numel(), dtype=dtype).view(shape) + 100 * rank
+        want, got = torch.empty((len(members) * shape[0],) + shape[1:], dtype=dtype), torch.empty(
+            (len(members) * shape[0],) + shape[1:], dtype=dtype)
+        plain(want, x, group=group, async_op=True).wait()
+        ds_comm.all_gather_into_tensor(got, x, group=group, async_op=True).wait()
+        assert torch.equal(got, want), (group, dtype, got, want)
+        inplace = torch.empty_like(want)
+        part = inplace.view(len(members), -1)[members.index(rank)]
+        part.copy_(x.view(-1))
+        ds_comm.all_gather_into_tensor(inplace, part, group=group)  # the input is this rank's part of the output
+        assert torch.equal(inplace, want)
+dist.barrier()
+with open(f"{sys.argv[1]}/rank{rank}.ok", "w") as f:  # one file per rank: stdout lines interleave
+    f.write("ok")
+dist.destroy_process_group()
+'''
+
+
+def test_all_gather_by_broadcasts_equals_gloo_all_gather(tmp_path):
+    """The trainer's gloo all-gather (one broadcast per rank) gives what torch's gives, on the world and on a
+    subgroup, into a separate buffer or in place."""
+    script = tmp_path / "probe.py"
+    script.write_text(GATHER_PROBE)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=3",
+                           str(script), str(tmp_path)], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert sorted(p.name for p in tmp_path.glob("rank*.ok")) == ["rank0.ok", "rank1.ok", "rank2.ok"]
+
+
+def test_hpz_on_two_nodes_trains_as_plain_zero3(tmp_path, model_cache):
+    """ds_configs/zero3_hpz.json on 2 nodes x 2 ranks (two torchrun launchers meeting by c10d rendezvous, as
+    on two hosts): the secondary partition is the node's 2 ranks, and the stage trains as plain ZeRO-3 on 2
+    ranks does with the same global batches (hpZ changes only where backward's gathers come from)."""
+    o = {"train.global_batch_size": 8, "train.micro_batch_size": 2, "eval.val": False, "data.max_eval_examples": 4}
+    port = _free_port()
+    launchers = [subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={n}", "--nproc_per_node=2",
+         "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}", f"--rdzv_id=hpz-{port}", "-m", "trainer",
+         "stage", "configs/tiny.yaml", *_overrides(tmp_path, model_cache, "hpz", **o, **{
+             "distributed.ds_config": "ds_configs/zero3_hpz.json"}), "--stage", "1"],
+        cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for n in (0, 1)]
+    outputs = [p.communicate(timeout=600)[0] for p in launchers]
+    assert [p.returncode for p in launchers] == [0, 0], outputs[0][-4000:] + outputs[1][-4000:]
+    torchrun(2, "stage", "configs/tiny.yaml", *_overrides(tmp_path, model_cache, "plain", **o), "--stage", "1")
+    m = _manifest(tmp_path, "hpz")
+    assert m["world_size"] == 4 and m["distributed"]["zero_hpz_partition_size"] == 2
+    assert (m["train"]["global_batch"], m["train"]["accumulation"]) == (8, 1)
+    hpz, plain = _adapters(tmp_path, "hpz"), _adapters(tmp_path, "plain")
+    assert hpz.keys() == plain.keys()
+    for k in hpz:
+        torch.testing.assert_close(hpz[k], plain[k], rtol=1e-4, atol=1e-5)
+    assert any(torch.count_nonzero(hpz[k]) for k in hpz if k.endswith("lora_b"))

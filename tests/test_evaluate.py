@@ -49,7 +49,7 @@ def test_single_token_fast_path_agrees_with_likelihood_scoring(model, smollm2_to
     task = load_tasks(cfg, 0)[0]
     enc = PromptFormat(smollm2_tokenizer, cfg).encode(task, "test")
     rows = list(enc.rows)
-    fast = _classify(model, enc, rows, smollm2_tokenizer.pad_token_id)
+    fast = _classify(model, enc, rows, smollm2_tokenizer.pad_token_id, Strategy())
     batch = collate([{"input_ids": r["input_ids"][: r["prompt_len"]]} for r in rows], smollm2_tokenizer.pad_token_id,
                     left=True, keys=("input_ids",))
     scores = model.option_logprobs(batch["input_ids"], batch["attention_mask"], torch.tensor(enc.options), "agnews")

@@ -29,6 +29,12 @@ def test_rehearsal_on_the_tiny_shape(tmp_path):
     assert f["resumed"] is True and f["resumed_at"] == 1 and f["checkpoint_bytes"] > 0
     assert f["peft_loaded"] is True and f["adapter_params"] > 0
     assert f["step_seconds"] > 0 and f["load_seconds"] > 0 and f["stage_save_seconds"] >= 0
+    # the same rows through one process holding the whole base, and the ratio the rehearsal reports
+    assert f["step_seconds_local"] > 0 and f["zero3_over_local"] == round(f["step_seconds"] / f["step_seconds_local"], 3)
+    planned = f["planned"]  # the memory model for the run's own DeepSpeed config, beside the measured peak
+    assert planned["layout"] == "zero3" and planned["total"] == sum(planned["memory"].values())
+    assert planned["memory"]["base"] == f["base_bytes"] // 2
+    assert f["measured_peak_over_planned"] == round(max(f["peak_rss_bytes"]) / planned["total"], 3)
     results = json.loads((tmp_path / "out" / "rehearsal.json").read_text())
     assert results["uninterrupted"]["same_keys"] and results["uninterrupted"]["max_abs_diff"] < 1e-6
     # Phases shorter than the 0.2 s sampling interval (the tiny model's evaluation) may get no sample.

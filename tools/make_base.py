@@ -39,36 +39,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from trainer import atomic  # noqa: E402
+from trainer.shapes import SHAPES, hf_config  # noqa: E402
 
 MARKER = "moe_cl_synthetic.json"
 VERSION = 1  # bump when the drawing recipe changes: folders of another version are rewritten by --reuse
-# The paper's base (Llama-2-7B), its 13B sibling (ZeRO-Infinity rehearsal), Mistral-7B-v0.1, and a
-# tiny shape for tests. All use the 32000-token Llama/Mistral sentencepiece vocabulary.
-SHAPES = {
-    "llama2-7b": ("llama", dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                                num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096)),
-    "llama2-13b": ("llama", dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
-                                 num_attention_heads=40, num_key_value_heads=40, max_position_embeddings=4096)),
-    "mistral-7b": ("mistral", dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                                   num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=32768,
-                                   sliding_window=4096)),
-    "tiny": ("llama", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                           num_key_value_heads=2, max_position_embeddings=1024)),
-}
-COMMON = dict(vocab_size=32000, bos_token_id=1, eos_token_id=2, rms_norm_eps=1e-5, rope_theta=10000.0,
-              tie_word_embeddings=False, initializer_range=0.02)
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-
-
-def hf_config(shape: str, dtype: str, layers: int | None = None):
-    from transformers import AutoConfig
-
-    model_type, dims = SHAPES[shape]
-    dims = dict(dims, **({"num_hidden_layers": layers} if layers else {}))
-    config = AutoConfig.for_model(model_type, **COMMON, **dims)
-    config.dtype = dtype
-    config.architectures = [type(config).__name__.replace("Config", "ForCausalLM")]
-    return config
 
 
 def tensor_specs(config) -> list[tuple[str, torch.Size]]:

@@ -11,8 +11,10 @@ Steps (each a real command, as a user runs it):
     checkpoint is complete; then the same command again, which resumes from it and finishes the stage.
  4. `python -m trainer extract` of stage 2's expert as a PEFT adapter, then `PeftModel.from_pretrained`
     of it on the 7B-shaped base (one process, bf16) and a forward pass.
- 5. Variants (stage 1 only, fewer steps): without activation checkpointing; `ds_configs/zero3_offload.json`.
- 6. With --compare-uninterrupted: stage 2 again without the kill; the largest adapter difference.
+ 5. Stage 1 again in one process holding the whole base (`distributed.strategy=local`, OMP threads = ranks x
+    threads per rank): the same rows per optimizer step; `zero3_over_local` is ZeRO-3's median step over its.
+ 6. Variants (stage 1 only, fewer steps): without activation checkpointing; `ds_configs/zero3_offload.json`.
+ 7. With --compare-uninterrupted: stage 2 again without the kill; the largest adapter difference.
 
 Memory is sampled every 0.2 s from /proc/<pid>/status of every rank (RssAnon: the process's own
 memory; RssFile: mapped file pages, e.g. the memory-mapped checkpoint, reclaimable by the kernel;
@@ -281,6 +283,16 @@ def main(argv: list[str] | None = None) -> int:
     merge["output_bytes"] = dir_bytes(merged_dir)
     shutil.rmtree(merged_dir, ignore_errors=True)
 
+    # The same rows through one process holding the whole base (the `local` strategy, every core): the
+    # reference a ZeRO-3 step is measured against, in this same run.
+    ldir = args.out / "local"
+    shutil.rmtree(ldir, ignore_errors=True)
+    local = run(trainer_cmd(args, "stage", *cfgs, "--stage", "1", *stage_overrides(
+        args, ldir, "distributed.strategy=local", "train.checkpoint_every=0", "data.max_eval_examples=2",
+        "eval.val=false"), launcher=False), log, dict(env, OMP_NUM_THREADS=str(args.ranks * int(env["OMP_NUM_THREADS"]))))
+    check(local, "stage 1 in one process (local strategy)")
+    m_local = manifest(ldir, 1, order[0])
+
     variants = {}
     for name in [v for v in args.variants.split(",") if v]:
         extra = VARIANTS[name]
@@ -314,13 +326,39 @@ def main(argv: list[str] | None = None) -> int:
         "stage_wall_seconds": {"stage1": s1["seconds"], "stage2_killed": killed["seconds"],
                                "stage2_resumed": resumed["seconds"]},
         "variants": variants,
+        "step_seconds_local": statistics.median(m_local["train"]["step_seconds"]),
+        "local_peak_rss_bytes": local["peak_rss_bytes"].get("process"),
     }
+    figures["zero3_over_local"] = round(figures["step_seconds"] / figures["step_seconds_local"], 3)
+    planned = planned_memory(cfg, args)
+    figures["planned"] = planned
+    figures["measured_peak_over_planned"] = round(max(figures["peak_rss_bytes"]) / planned["total"], 3)
     results.update(figures=figures, stage1=summary(s1, m1), stage2_killed={k: killed[k] for k in ("seconds", "by_phase")},
-                   stage2_resumed=summary(resumed, m2), extract=extract, peft=peft_result, merge=merge)
+                   stage2_resumed=summary(resumed, m2), local=summary(local, m_local), extract=extract,
+                   peft=peft_result, merge=merge)
     (args.out / "rehearsal.json").write_text(json.dumps(results, indent=2) + "\n")
     print_table(figures, results)
     print(json.dumps(figures))
     return 0
+
+
+def planned_memory(cfg, args) -> dict:
+    """The memory model's bytes per rank (trainer/plan.py) for this config's own DeepSpeed config on this host."""
+    import torch
+    from transformers import AutoConfig
+
+    from trainer.distributed import resolve_dtype
+    from trainer.plan import Cluster, plan_for, read_ds_config
+
+    zero = read_ds_config(cfg.distributed.ds_config).get("zero_optimization", {})
+    layout = "zero2" if zero.get("stage") != 3 else "zero3_offload" if "offload_param" in zero else "zero3"
+    with open("/proc/meminfo") as f:
+        total = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemTotal:"))
+    plan = plan_for(cfg, Cluster(1, args.ranks, total // args.ranks, "cpu"), AutoConfig.from_pretrained(args.base),
+                    torch.empty((), dtype=resolve_dtype(cfg.model)).element_size(),
+                    layouts={layout: cfg.distributed.ds_config})
+    option = plan.option(layout)
+    return {"layout": layout, "ds_config": cfg.distributed.ds_config, "total": option.total, "memory": option.memory}
 
 
 def summary(r: dict, m: dict) -> dict:
@@ -364,6 +402,11 @@ def print_table(f: dict, results: dict) -> None:
     print(f"extract peak RSS {gib(f['extract_peak_rss_bytes'])}, PEFT load on the base {gib(f['peft_load_peak_rss_bytes'])}, "
           f"merge --expert peak RSS {gib(f['merge_peak_rss_bytes'])} in {f['merge_seconds']:.0f} s "
           f"({f['merge_output_bytes'] / 1e9:.1f} GB written)")
+    p = f["planned"]
+    print(f"memory model ({p['ds_config']}): {gib(p['total'])} per rank; measured peak / planned: "
+          f"{f['measured_peak_over_planned']:.2f} (" + ", ".join(f"{k} {gib(v)}" for k, v in p["memory"].items()) + ")")
+    print(f"one process holding the whole base: median step {f['step_seconds_local']:.1f} s; ZeRO-3 over it: "
+          f"{f['zero3_over_local']:.2f}x")
     if "uninterrupted" in results:
         u = results["uninterrupted"]
         print(f"resumed vs uninterrupted stage 2: largest adapter difference {u['max_abs_diff']:.3g} over {u['keys']} tensors")

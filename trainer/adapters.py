@@ -611,7 +611,7 @@ class Server:
                 if name is None:
                     preds = _base_answers(self.model, batch, tok, max_new_tokens, device)
                 else:
-                    preds = predict_batch(self.model, enc, batch, tok, max_new_tokens, device)
+                    preds = predict_batch(self.model, enc, batch, tok, max_new_tokens, self.strategy)
                 for j, p in enumerate(preds, start=start):
                     row = {k: v for k, v in rows[idx[j]].items() if not k.startswith("_")}
                     row["prediction"] = task.labels[p] if task.kind == "classification" else p

@@ -4,6 +4,8 @@
     sequence CONFIG [key=value ...]            every stage of data.order, skipping complete ones
     stage CONFIG --stage K [key=value ...]     one stage, from stage K-1's output (one SLURM job)
     evaluate CONFIG [--stage K] [key=value]    accuracy of stage K's experts (0 = untrained) per task
+    plan CONFIG [key=value] [--nodes N --gpus-per-node G --gpu-memory 80GiB --shape S]
+                                               memory and communication per GPU of each ZeRO layout; the one to use
     submit CONFIG [key=value] [--dry-run]      one chained SLURM job per incomplete stage; prints job ids
     report RUN_DIR                             accuracy matrix, ACC / BWT / FWT of a run
     extract SOURCE --expert E --out DIR        one expert as a PEFT LoRA adapter
@@ -51,6 +53,17 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("config", help="list every config field, or print the resolved config of a file + overrides")
     sp.add_argument("config", nargs="?", help="experiment YAML; without it, the reference of every field is printed")
     sp.add_argument("overrides", nargs="*", help="dotted overrides applied to the file, e.g. train.lr=1e-4")
+    sp = sub.add_parser("plan", help="memory and communication per GPU of each ZeRO layout, and the one to use")
+    sp.add_argument("config", help="experiment YAML")
+    sp.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.micro_batch_size=4")
+    sp.add_argument("--nodes", type=int, help="nodes (default: slurm.nodes)")
+    sp.add_argument("--gpus-per-node", type=int, help="GPUs per node (default: slurm.gpus_per_node)")
+    sp.add_argument("--gpu-memory", default="80GiB", help="memory of one GPU, e.g. 80GiB, 40GB, 24G (default 80GiB)")
+    sp.add_argument("--shape", help="a named base shape instead of model.path's config.json (before downloading it): "
+                                    "llama2-7b, llama2-13b, llama2-70b, mistral-7b, tiny")
+    sp.add_argument("--margin", type=float, default=0.1, help="share of each GPU's memory kept free (default 0.1)")
+    sp.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="GPUs, or CPU ranks (host memory)")
+    sp.add_argument("--json", action="store_true", help="print the plan as a JSON object")
     sp = sub.add_parser("submit", help="submit every incomplete stage to SLURM, one chained job per stage")
     sp.add_argument("config", help="experiment YAML; its slurm section sets nodes, GPUs, partition, walltime")
     sp.add_argument("overrides", nargs="*", help="dotted overrides, e.g. slurm.nodes=2 slurm.account=PROJ")
@@ -129,6 +142,8 @@ def main(argv: list[str] | None = None) -> int:
             print(reference() if args.config is None else dump_yaml(load_config(args.config, args.overrides)), end="")
             return 0
         cfg = load_config(args.config, args.overrides)
+        if args.verb == "plan":
+            return plan_verb(args, cfg)
         if args.verb == "submit":
             from .slurm import submit
 
@@ -161,6 +176,48 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+
+
+def plan_verb(args, cfg) -> int:
+    """`plan`: the memory and communication model of trainer/plan.py, printed; no GPU, no weights needed."""
+    from .config import ConfigError
+    from .plan import Cluster, format_plan, parse_size, plan_for
+
+    nodes = args.nodes or cfg.slurm.nodes
+    gpus = args.gpus_per_node or cfg.slurm.gpus_per_node or cfg.slurm.procs_per_node
+    try:
+        memory = parse_size(args.gpu_memory)
+    except ValueError as e:
+        raise ConfigError(f"--gpu-memory: {e}") from None
+    if args.shape:
+        from .shapes import hf_config
+
+        try:
+            hf = hf_config(args.shape)
+            hf.name_or_path = args.shape
+        except KeyError as e:
+            raise ConfigError(f"--shape: {e.args[0]}") from None
+    else:
+        from transformers import AutoConfig
+
+        from .base import resolve_model_path
+
+        try:
+            folder = resolve_model_path(cfg.model)
+        except FileNotFoundError as e:
+            raise ConfigError(f"{e}; or give the base's shape with --shape (e.g. --shape llama2-7b)") from None
+        hf = AutoConfig.from_pretrained(folder, trust_remote_code=cfg.model.trust_remote_code)
+    from .distributed import resolve_dtype
+
+    import torch
+
+    if cfg.model.dtype == "auto":  # on the GPUs planned for: bfloat16
+        dtype_bytes = 2 if args.device == "cuda" else torch.empty((), dtype=resolve_dtype(cfg.model)).element_size()
+    else:
+        dtype_bytes = torch.empty((), dtype=resolve_dtype(cfg.model)).element_size()
+    plan = plan_for(cfg, Cluster(nodes, gpus, memory, args.device), hf, dtype_bytes, margin=args.margin)
+    print(json.dumps(plan.to_dict(), indent=2) if args.json else format_plan(plan))
+    return 0
 
 
 def adapter_verb(args, strategy) -> int:

@@ -258,8 +258,11 @@ class DistributedConfig:
     """auto: DeepSpeed when started by a launcher (torchrun, deepspeed, srun: WORLD_SIZE is set),
     else one plain PyTorch process. deepspeed: DeepSpeed even in a single process."""
     ds_config: str = "ds_configs/zero3.json"
-    """The ZeRO choices (stage, offload, buckets). Batch sizes, accumulation, clipping and precision
-    are filled in from this experiment config."""
+    """The ZeRO choices (stage, offload, buckets): a DeepSpeed JSON file, or auto: at stage start the
+    memory and communication plan (`python -m trainer plan`) picks, of zero2, zero3, zero3_hpz and
+    zero3_offload in ds_configs/, the one with the least communication that fits each rank's memory, and
+    stage.json records the plan and the choice. Batch sizes, accumulation, clipping and precision are
+    filled in from this experiment config."""
     param_persistence_threshold: Optional[int] = None
     """Overrides stage3_param_persistence_threshold (parameters below it are not sharded); 0 shards all."""
     timeout_seconds: int = 1800

@@ -28,6 +28,7 @@ from torch import nn
 from . import atomic
 from .checkpoint import CheckpointError
 from .config import Config, ConfigError, ModelConfig
+from .plan import Cluster, Plan, find_ds_config, plan_for, read_ds_config  # noqa: F401 (find_ds_config: re-exported)
 from .stopping import EXIT_REQUEUE, StopSignals  # noqa: F401 (EXIT_REQUEUE: re-exported)
 
 # Keys of a DeepSpeed config that come from the experiment config (train.* and model.dtype).
@@ -67,6 +68,10 @@ class Strategy:
 
     def is_main(self) -> bool:
         return self.rank == 0
+
+    def describe(self) -> dict:
+        """How this process runs the model (recorded in stage.json): strategy, DeepSpeed config, plan."""
+        return {"strategy": "local", "device": str(self.device)}
 
     def barrier(self) -> None:
         pass
@@ -109,6 +114,10 @@ class Strategy:
 
         return AutoModelForCausalLM.from_pretrained(folder, config=hf_config, dtype=dtype, use_safetensors=True,
                                                     trust_remote_code=trust_remote_code)
+
+    def run(self, model: nn.Module, entry: str, *args, **kwargs):
+        """One evaluation or serving pass of `model` (MoECLModel.forward's `entry`)."""
+        return model(*args, entry=entry, **kwargs)
 
     def setup(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, scheduler, cfg: Config) -> Callable:
         """Wrap the model for training (optimizer None: for inference); returns what to call for a forward."""
@@ -241,15 +250,42 @@ class DeepSpeedStrategy(Strategy):
         deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", auto_mpi_discovery=False,
                                    timeout=timedelta(seconds=cfg.distributed.timeout_seconds))
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        if not cuda:
+            _all_gather_by_broadcasts()
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
         if cuda:  # srun --gpus-per-task shows each rank its own GPU alone
             local_rank %= torch.cuda.device_count()
             torch.cuda.set_device(local_rank)
         self.device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
-        self.ds_config = build_ds_config(cfg, self.world_size, training)
+        self.plan: Plan | None = None
+        self.ds_config_file = cfg.distributed.ds_config
+        if cfg.distributed.ds_config == "auto":
+            self.plan = auto_plan(cfg, self.world_size, self.device, training)
+            if self.plan.choice is None:
+                raise ConfigError(f"distributed.ds_config=auto: no ZeRO layout fits {self.world_size} rank(s) of "
+                                  f"{self.plan.cluster.gpu_memory / 1e9:.1f} GB (python -m trainer plan shows the terms); "
+                                  "lower train.micro_batch_size or data.max_length, set train.activation_checkpointing, "
+                                  "or use more GPUs")
+            chosen = self.plan.option(self.plan.choice)
+            self.ds_config_file = chosen.ds_config
+            self.print(f"distributed.ds_config=auto: {chosen.layout} ({chosen.ds_config}), the least communication "
+                       f"that fits: planned {chosen.total / 1e9:.1f} of {self.plan.cluster.gpu_memory / 1e9:.1f} GB per "
+                       f"rank, {chosen.communication / 1e9:.2f} GB sent per optimizer step")
+        self.ds_config = build_ds_config(cfg, self.world_size, training, self.ds_config_file)
         self.zero_stage = self.ds_config["zero_optimization"].get("stage", 0)
         self.engine = None
         self._hf_ds_config = None
+
+    def describe(self):
+        out = {"strategy": "deepspeed", "ds_config": self.ds_config_file, "zero_stage": self.zero_stage}
+        hpz = self.ds_config["zero_optimization"].get("zero_hpz_partition_size")
+        if hpz:
+            out["zero_hpz_partition_size"] = hpz
+        if self.plan is not None:
+            chosen = self.plan.option(self.plan.choice)
+            out.update(choice=self.plan.choice, plan=self.plan.to_dict(),
+                       planned_bytes_per_rank=chosen.total, planned_sent_per_step=chosen.communication)
+        return out
 
     def barrier(self):
         import torch.distributed as dist
@@ -320,6 +356,12 @@ class DeepSpeedStrategy(Strategy):
 
     def lr(self):
         return self.engine.get_lr()[-1]
+
+    def run(self, model, entry, *args, **kwargs):
+        # Through the engine once it exists: its root-module hooks restart ZeRO-3's prefetch order at every pass.
+        if self.engine is not None and self.engine.module is model:
+            return self.engine(*args, entry=entry, **kwargs)
+        return model(*args, entry=entry, **kwargs)
 
     def stop_requested(self):
         # Ranks receive the signal at different moments: agree on it so all stop at the same step.
@@ -392,18 +434,19 @@ class DeepSpeedStrategy(Strategy):
         return client
 
 
-def build_ds_config(cfg: Config, world_size: int, training: bool = True) -> dict:
-    """The DeepSpeed config: ZeRO choices from `distributed.ds_config`, everything else from `cfg`.
+def build_ds_config(cfg: Config, world_size: int, training: bool = True, ds_config: str | None = None) -> dict:
+    """The DeepSpeed config: ZeRO choices from `distributed.ds_config` (or the file `ds_config`, when
+    `distributed.ds_config` is auto and the plan chose it), everything else from `cfg`.
 
     The one place where batch sizes, accumulation, clipping and precision enter DeepSpeed, with
     train_batch_size == micro * world * accum checked here.
     """
-    path = find_ds_config(cfg.distributed.ds_config)
-    try:
-        ds = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: line {e.lineno}: not valid JSON ({e.msg})") from None
+    name = cfg.distributed.ds_config if ds_config is None else ds_config
+    path = find_ds_config(name)
+    ds = read_ds_config(name)
     zero = ds.setdefault("zero_optimization", {})
+    if zero.get("zero_hpz_partition_size") == "gpus_per_node":  # hpZ: a secondary copy of the base per node
+        zero["zero_hpz_partition_size"] = local_world_size(world_size)
     # Evaluation takes no optimizer step: it runs on any number of ranks, whatever the global batch.
     micro, accum = cfg.train.micro_batch_size, cfg.train.accumulation(world_size) if training else 1
     filled = {"train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": accum,
@@ -439,19 +482,6 @@ def build_ds_config(cfg: Config, world_size: int, training: bool = True) -> dict
     return ds
 
 
-def find_ds_config(name: str) -> Path:
-    """A DeepSpeed config: the path itself, else (relative) the copy shipped with the trainer: in the
-    repository beside trainer/, or under <prefix>/share/moe-cl/ after `pip install`."""
-    path = Path(name).expanduser()
-    candidates = [path] if path.is_absolute() else [
-        path, Path(__file__).resolve().parents[1] / path, Path(sys.prefix) / "share" / "moe-cl" / path]
-    for c in candidates:
-        if c.is_file():
-            return c
-    raise ConfigError(f"distributed.ds_config: {name} not found (looked in {', '.join(str(c) for c in candidates)}); "
-                      "ds_configs/ ships zero3.json, zero3_lowmem.json, zero3_offload.json and zero2.json")
-
-
 # auto picks bfloat16 on a CPU for bases at least this wide: SmolLM2-135M (hidden 576) trains a MoE-CL step 1.3x
 # faster in bfloat16 than in float32 on an AVX512-BF16 CPU (tools/bench_step.py), tiny test shapes run slower.
 BF16_CPU_MIN_HIDDEN = 512
@@ -475,6 +505,40 @@ def resolve_dtype(model: ModelConfig) -> torch.dtype:
 
     hidden = json.loads((resolve_model_path(model) / "config.json").read_text()).get("hidden_size", 0)
     return torch.bfloat16 if hidden >= BF16_CPU_MIN_HIDDEN else torch.float32
+
+
+def local_world_size(world_size: int) -> int:
+    """Ranks on this node: LOCAL_WORLD_SIZE (torchrun, deepspeed), SLURM_NTASKS_PER_NODE (srun), else all of them."""
+    for key in ("LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE"):
+        value = os.environ.get(key, "").split("(")[0]
+        if value.isdigit() and int(value) > 0:
+            return min(int(value), world_size)
+    return world_size
+
+
+def device_memory(device: torch.device, local_world: int) -> int:
+    """Bytes one rank may use: its GPU's memory, or on a CPU host the memory available now shared by the
+    node's ranks."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    with open("/proc/meminfo") as f:
+        available = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    return available // local_world
+
+
+def auto_plan(cfg: Config, world_size: int, device: torch.device, training: bool = True) -> Plan:
+    """The memory and communication plan (trainer/plan.py) of this run on the ranks it was started with."""
+    from transformers import AutoConfig
+
+    from .base import resolve_model_path  # (base imports this module)
+
+    local = local_world_size(world_size)
+    if world_size % local:
+        local = world_size
+    hf = AutoConfig.from_pretrained(resolve_model_path(cfg.model), trust_remote_code=cfg.model.trust_remote_code)
+    cluster = Cluster(world_size // local, local, device_memory(device, local), device.type)
+    return plan_for(cfg, cluster, hf, torch.empty((), dtype=resolve_dtype(cfg.model)).element_size(),
+                    None if training else 1)
 
 
 def launched() -> bool:
@@ -558,6 +622,49 @@ def _single_process_env() -> None:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+
+
+class _Works:
+    """The handles of several asynchronous collectives as one."""
+
+    def __init__(self, works):
+        self.works = works
+
+    def wait(self, timeout=None):
+        for w in self.works:
+            w.wait()
+        return True
+
+    def is_completed(self):
+        return all(w.is_completed() for w in self.works)
+
+
+def _all_gather_by_broadcasts() -> None:
+    """On gloo (CPU ranks), DeepSpeed's all-gathers (ZeRO-3's parameter fetches) run as one broadcast per
+    rank: gloo's all-gather moves large shards several times slower than its broadcast does
+    (`python tools/bench_gloo.py`, results/bench_gloo_cpu.txt). Same result, any process group."""
+    import deepspeed.comm.comm as ds_comm
+    import torch.distributed as dist
+
+    backend = ds_comm.cdb
+    if getattr(backend, "gathers_by_broadcast", False):
+        return
+    original = backend.all_gather_into_tensor
+
+    def all_gather_into_tensor(output_tensor, input_tensor, group=None, async_op=False):
+        if dist.get_backend(group) != "gloo" or not output_tensor.is_contiguous() or not input_tensor.is_contiguous():
+            return original(output_tensor, input_tensor, group=group, async_op=async_op)
+        world, rank = dist.get_world_size(group), dist.get_rank(group)
+        parts = output_tensor.view(-1).chunk(world)
+        if parts[rank].data_ptr() != input_tensor.data_ptr():
+            parts[rank].copy_(input_tensor.view(-1))
+        works = [dist.broadcast(parts[r], src=dist.get_global_rank(group, r) if group is not None else r,
+                                group=group, async_op=True) for r in range(world)]
+        out = _Works(works)
+        return out if async_op else out.wait()
+
+    backend.all_gather_into_tensor = all_gather_into_tensor
+    backend.gathers_by_broadcast = True
 
 
 def _keep_fp32_masters(values: list[tuple[nn.Parameter, torch.Tensor]]) -> None:

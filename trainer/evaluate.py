@@ -27,8 +27,7 @@ def evaluate(model: MoECLModel, enc: Encoded, tokenizer, batch_size: int, max_ne
     correct, predictions, right = 0, [], torch.zeros(len(enc.rows), dtype=torch.float64)
     for start in range(0, len(indices), batch_size):
         rows = [enc.rows[i] for i in indices[start:start + batch_size]]
-        preds = predict_batch(model, enc, rows, tokenizer, max_new_tokens, strategy.device,
-                              synced=strategy.world_size > 1)
+        preds = predict_batch(model, enc, rows, tokenizer, max_new_tokens, strategy)
         for i, row, pred, keep in zip(indices[start:], rows, preds, valid[start:start + batch_size]):
             if keep:
                 target = row["label"] if enc.task.kind == "classification" else row["target"].strip()
@@ -45,42 +44,41 @@ def evaluate(model: MoECLModel, enc: Encoded, tokenizer, batch_size: int, max_ne
 
 
 def predict_batch(model: MoECLModel, enc: Encoded, rows: list[dict], tokenizer, max_new_tokens: int,
-                  device: torch.device, synced: bool = False) -> list:
-    """The predicted class index (classification) or stripped greedy text (generation) of each row."""
+                  strategy: Strategy) -> list:
+    """The predicted class index (classification) or stripped greedy text (generation) of each row. Every
+    pass runs through `strategy.run` (the root module's entry; see MoECLModel.forward)."""
     if enc.task.kind == "classification":
-        return _classify(model, enc, rows, tokenizer.pad_token_id, device).tolist()
-    return _generate(model, enc, rows, tokenizer, max_new_tokens, device, synced)
+        return _classify(model, enc, rows, tokenizer.pad_token_id, strategy).tolist()
+    return _generate(model, enc, rows, tokenizer, max_new_tokens, strategy)
 
 
 def single_token_options(options: list[list[int]]) -> bool:
     return all(len(o) == 1 for o in options) and len({o[0] for o in options}) == len(options)
 
 
-def _classify(model: MoECLModel, enc: Encoded, rows: list[dict], pad_id: int,
-              device: torch.device = torch.device("cpu")) -> torch.Tensor:
+def _classify(model: MoECLModel, enc: Encoded, rows: list[dict], pad_id: int, strategy: Strategy) -> torch.Tensor:
     """Predicted class per row: (batch,)"""
-    task = enc.task.name
+    task, device = enc.task.name, strategy.device
     prompts = [{"input_ids": r["input_ids"][: r["prompt_len"]]} for r in rows]
     if single_token_options(enc.options):
         batch = {k: v.to(device) for k, v in collate(prompts, pad_id, keys=("input_ids",)).items()}
-        hidden = model.hidden_states(batch["input_ids"], batch["attention_mask"], task)
-        last = batch["attention_mask"].sum(dim=1) - 1
-        logits = model.logits_at(hidden, last)
-        return logits[:, [o[0] for o in enc.options]].argmax(dim=-1).cpu()
+        logits = strategy.run(model, "option_token_logits", batch["input_ids"], batch["attention_mask"], task,
+                              [o[0] for o in enc.options])
+        return logits.argmax(dim=-1).cpu()
     # Multi-token options: the likelihood of each whole answer, end-of-answer token included.
     batch = {k: v.to(device) for k, v in collate(prompts, pad_id, left=True, keys=("input_ids",)).items()}
     answers = [o + [enc.eos] for o in enc.options]
     width = max(len(a) for a in answers)
     options = torch.tensor([a + [IGNORE] * (width - len(a)) for a in answers], device=device)
-    scores = model.option_logprobs(batch["input_ids"], batch["attention_mask"], options, task)
+    scores = strategy.run(model, "option_logprobs", batch["input_ids"], batch["attention_mask"], options, task)
     return scores.argmax(dim=-1).cpu()
 
 
 def _generate(model: MoECLModel, enc: Encoded, rows: list[dict], tokenizer, max_new_tokens: int,
-              device: torch.device, synced: bool) -> list[str]:
+              strategy: Strategy) -> list[str]:
     batch = collate([{"input_ids": r["input_ids"][: r["prompt_len"]]} for r in rows], tokenizer.pad_token_id,
                     left=True, keys=("input_ids",))
-    batch = {k: v.to(device) for k, v in batch.items()}
-    new = model.generate(batch["input_ids"], batch["attention_mask"], enc.task.name, max_new_tokens,
-                         tokenizer.pad_token_id, tokenizer.eos_token_id, synced=synced)
+    batch = {k: v.to(strategy.device) for k, v in batch.items()}
+    new = strategy.run(model, "generate", batch["input_ids"], batch["attention_mask"], enc.task.name, max_new_tokens,
+                       tokenizer.pad_token_id, tokenizer.eos_token_id, synced=strategy.world_size > 1)
     return [t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True)]

@@ -187,8 +187,21 @@ class MoECLModel(nn.Module):
 
     # -- forward passes ---------------------------------------------------------------------------
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
-                task: str, memory: tuple[torch.Tensor, torch.Tensor, str] | None = None) -> StepOutput:
+    # the passes `forward` runs: a training step, and every evaluation and serving pass
+    ENTRIES = ("step", "option_token_logits", "option_logprobs", "generate", "base_features")
+
+    def forward(self, *args, entry: str = "step", **kwargs):
+        """The root module's one entry: `entry` names the pass to run (default: a training step's forward).
+
+        Evaluation passes come through here as well (`Strategy.run`), so that each pass starts with a call of
+        the root module: DeepSpeed ZeRO-3 prefetches partitioned parameters in the order modules ran between
+        two such calls, and without them every module's gather would wait for its own all-gather."""
+        if entry not in self.ENTRIES:
+            raise ValueError(f"entry {entry!r}: MoECLModel runs {', '.join(self.ENTRIES)}")
+        return getattr(self, entry)(*args, **kwargs)
+
+    def step(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+             task: str, memory: tuple[torch.Tensor, torch.Tensor, str] | None = None) -> StepOutput:
         """A training step's forward. input_ids, attention_mask, labels: (batch, seq). `memory`: (ids, mask,
         task) of stored rows of one earlier task, run for the discriminator loss alone (discriminator_extra=memory)."""
         if task not in self.learned_tasks:
@@ -258,6 +271,13 @@ class MoECLModel(nn.Module):
         not (batch * seq, vocab).
         """
         return answer_loss(self.base.get_output_embeddings(), hidden, labels)
+
+    @torch.no_grad()
+    def option_token_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, task: str | None,
+                            tokens: list[int]) -> torch.Tensor:
+        """Logits of the option tokens after each right-padded prompt: (batch, len(tokens)) float32."""
+        hidden = self.hidden_states(input_ids, attention_mask, task)
+        return self.logits_at(hidden, attention_mask.sum(dim=1) - 1)[:, tokens]
 
     def logits_at(self, hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Vocabulary logits at one position per row. hidden: (batch, seq, hidden), positions: (batch,)"""

@@ -86,7 +86,8 @@ def load_partitions(model: torch.nn.Module, folder: Path) -> None:
 
 
 def fill_partition(p: torch.nn.Parameter, source, where: str) -> None:
-    """Copy this rank's range of the flattened tensor `source` (a safetensors slice) into `p.ds_tensor`.
+    """Copy this rank's range of the flattened tensor `source` (a safetensors slice) into `p.ds_tensor`, and
+    under hpZ (`zero_hpz_partition_size`) its range of the node's copy into `p.ds_secondary_tensor`.
 
     ZeRO-3 stores elements [rank * size, (rank + 1) * size) of the flattened parameter, the last
     rank's partition zero-padded; only the rows overlapping that range are read."""
@@ -94,10 +95,19 @@ def fill_partition(p: torch.nn.Parameter, source, where: str) -> None:
     if shape != tuple(p.ds_shape):
         raise ConfigError(f"model.path: {where} has shape {list(shape)}, the model built from config.json "
                           f"expects {list(p.ds_shape)}")
-    part = p.ds_tensor
+    _fill_range(p.ds_tensor, p.ds_zero_partition_rank, source, shape, p.ds_numel)
+    secondary = getattr(p, "ds_secondary_tensor", None)
+    if secondary is not None:  # built by zero.Init from the uninitialised weights: without this, backward reads garbage
+        import torch.distributed as dist
+
+        _fill_range(secondary, dist.get_rank(group=p.ds_zero_param_process_group), source, shape, p.ds_numel)
+
+
+def _fill_range(part: torch.Tensor, index: int, source, shape: tuple, numel: int) -> None:
+    """part <- elements [index * len(part), (index + 1) * len(part)) of the flattened `source`, zero-padded."""
     size = part.numel()
-    start = p.ds_zero_partition_rank * size
-    end = min(start + size, p.ds_numel)
+    start = index * size
+    end = min(start + size, numel)
     if end - start < size:
         part.zero_()
     if start >= end:

@@ -595,6 +595,7 @@ def save_stage(s: Setup, strategy: Strategy, baseline: dict, test_acc: dict, val
                 "base_model": {"path": str(s.base_folder), "fingerprint": base_fingerprint(s.base_folder)},
                 "steps": train_stats["steps"], "global_step": step0 + train_stats["steps"],
                 "train": train_stats, "seconds": seconds, "world_size": strategy.world_size, "resources": resources,
+                "distributed": strategy.describe(),  # strategy, DeepSpeed config, and with ds_config=auto the plan
                 "eval": {"test_accuracy": test_acc, "val_accuracy": val, "task_id": s.cfg.eval.task_id,
                          **(routed or {})},
                 "router": {"layer": router.layer, "rows": router.count, "seconds": round(router_seconds, 3)},

@@ -75,7 +75,7 @@ def gather_features(model, ids: list[list[int]], layers: int, strategy: Strategy
         width = max(len(r) for r in rows)
         input_ids = torch.tensor([r + [pad_id] * (width - len(r)) for r in rows], device=strategy.device)
         mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=strategy.device)
-        feats = model.base_features(input_ids, mask, layers).double().cpu()
+        feats = strategy.run(model, "base_features", input_ids, mask, layers).double().cpu()
         for i, f in zip(chunk, feats):
             if valid[i]:
                 out[indices[i]] = f
