@@ -263,6 +263,10 @@ class DistributedConfig:
     zero3_offload in ds_configs/, the one with the least communication that fits each rank's memory, and
     stage.json records the plan and the choice. Batch sizes, accumulation, clipping and precision are
     filled in from this experiment config."""
+    gloo_broadcast_gather: bool = False
+    """CPU ranks (gloo): run DeepSpeed's parameter all-gathers as one broadcast per rank, 3x the bandwidth of
+    gloo's all-gather for large shards here (results/bench_gloo_cpu.txt). Off by default: with it on, a rank
+    aborted at exit ("terminate called without an active exception") in 2 of 3 full test runs (issue 30)."""
     param_persistence_threshold: Optional[int] = None
     """Overrides stage3_param_persistence_threshold (parameters below it are not sharded); 0 shards all."""
     timeout_seconds: int = 1800

@@ -250,7 +250,7 @@ class DeepSpeedStrategy(Strategy):
         deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", auto_mpi_discovery=False,
                                    timeout=timedelta(seconds=cfg.distributed.timeout_seconds))
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
-        if not cuda:
+        if not cuda and cfg.distributed.gloo_broadcast_gather:
             _all_gather_by_broadcasts()
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
         if cuda:  # srun --gpus-per-task shows each rank its own GPU alone
@@ -633,6 +633,7 @@ class _Works:
     def wait(self, timeout=None):
         for w in self.works:
             w.wait()
+        self.works = []  # a handle kept after its wait holds no collective (nor, through it, the process group)
         return True
 
     def is_completed(self):
