@@ -211,10 +211,9 @@ def plan_verb(args, cfg) -> int:
 
     import torch
 
-    if cfg.model.dtype == "auto":  # on the GPUs planned for: bfloat16
-        dtype_bytes = 2 if args.device == "cuda" else torch.empty((), dtype=resolve_dtype(cfg.model)).element_size()
-    else:
-        dtype_bytes = torch.empty((), dtype=resolve_dtype(cfg.model)).element_size()
+    # model.dtype auto is bfloat16 on the GPUs planned for; elsewhere what this process resolves
+    auto_on_gpu = cfg.model.dtype == "auto" and args.device == "cuda"
+    dtype_bytes = 2 if auto_on_gpu else torch.empty((), dtype=resolve_dtype(cfg.model)).element_size()
     plan = plan_for(cfg, Cluster(nodes, gpus, memory, args.device), hf, dtype_bytes, margin=args.margin)
     print(json.dumps(plan.to_dict(), indent=2) if args.json else format_plan(plan))
     return 0
