@@ -74,10 +74,11 @@ def test_round_trip_through_dict_and_yaml():
     assert from_dict(yaml.safe_load(dump_yaml(cfg))) == cfg
 
 
-def test_overrides_may_also_follow_the_options(tmp_path):
+def test_overrides_may_also_follow_the_options(tmp_path, model_cache):
     from .conftest import run_cli
 
-    out = run_cli("submit", "configs/tiny.yaml", "--dry-run", "slurm.nodes=3", "train.global_batch_size=24", f"run.dir={tmp_path}").stdout
+    out = run_cli("submit", "configs/tiny.yaml", "--dry-run", "slurm.nodes=3", "train.global_batch_size=24", f"run.dir={tmp_path}",
+                  f"model.cache_dir={model_cache}").stdout
     assert out.count("--nodes=3") == 2  # one job per stage, both with the override
     proc = run_cli("submit", "configs/tiny.yaml", "--dry-run", "--bogus", check=False)
     assert proc.returncode == 2 and "unrecognized arguments: --bogus" in proc.stderr

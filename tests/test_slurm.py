@@ -110,11 +110,24 @@ def test_submit_dry_run_shows_the_chain(tmp_path, model_cache):
                 "--signal=B:USR1@300", "--ntasks-per-node=1", "--time=00:15:00", "--open-mode=append"):
         assert opt in first, opt
     assert not any(a.startswith("--dependency") for a in first)
+    assert "--hold" in first and "--hold" not in second  # as a real submit: released once the lock lists the chain
     assert "--dependency=afterok:<job of stage 1>" in second and "--kill-on-invalid-dep=yes" in second
     export = next(a for a in second if a.startswith("--export="))
     assert "MOECL_STAGE=2" in export and "MOECL_NPROC_PER_NODE=4" in export
+    assert re.search(r"MOECL_CHAIN=[0-9a-f]{12}(,|$)", export)
     assert first[-1].endswith("slurm/stage.sbatch")
     assert not (tmp_path / "run").exists()  # a dry run writes nothing
+
+
+def test_an_sbatch_failure_is_a_clear_error_and_queues_nothing(slurm_cluster, tmp_path, model_cache):
+    o = _overrides(tmp_path, model_cache, **{"slurm.partition": "no_such_partition", "slurm.job_name": "badpart"})
+    proc = run_cli("submit", "configs/tiny.yaml", *o, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert "error: sbatch refused the job of stage 1 (agnews)" in proc.stderr
+    assert "invalid partition" in proc.stderr.lower()  # SLURM's own words
+    assert proc.stdout == "" and not (tmp_path / "run" / "run.lock").exists()
+    queued = subprocess.run(["squeue", "--noheader", "--format=%j"], capture_output=True, text=True, check=True).stdout
+    assert "badpart" not in queued
 
 
 def test_two_stage_sequence_across_two_nodes(slurm_cluster, tmp_path, model_cache):

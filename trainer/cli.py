@@ -1,12 +1,14 @@
 """Command line: `python -m trainer <verb> ...`, or `moecl <verb> ...` once installed (`pip install .`).
 
-    config [CONFIG [key=value ...]]            every config field (type, default, meaning), or the resolved config
+    config [CONFIG [key=value ...] [--check]]  every config field (type, default, meaning), or the resolved config;
+                                               --check also reads model.path and every task of data.order
     sequence CONFIG [key=value ...]            every stage of data.order, skipping complete ones
     stage CONFIG --stage K [key=value ...]     one stage, from stage K-1's output (one SLURM job)
     evaluate CONFIG [--stage K] [key=value]    accuracy of stage K's experts (0 = untrained) per task
     plan CONFIG [key=value] [--nodes N --gpus-per-node G --gpu-memory 80GiB --shape S]
                                                memory and communication per GPU of each ZeRO layout; the one to use
-    submit CONFIG [key=value] [--dry-run]      one chained SLURM job per incomplete stage; prints job ids
+    submit CONFIG [key=value] [--dry-run]      one chained SLURM job per incomplete stage, after the checks of
+                                               config --check; prints job ids (--dry-run: the sbatch commands)
     report RUN_DIR                             accuracy matrix, ACC / BWT / FWT of a run
     extract SOURCE --expert E --out DIR        one expert as a PEFT LoRA adapter
     merge SOURCE (--expert E | --task T) --out DIR    experts folded into a plain HF model
@@ -28,8 +30,10 @@ from .config import ConfigError, load_config
 from .data import DataError
 from .distributed import EXIT_REQUEUE, Interrupted
 from .runlock import LockError
+from .slurm import SubmitError
 
-USER_ERRORS = (ConfigError, DataError, CheckpointError, LockError, DiskFull, FileNotFoundError, ModuleNotFoundError)
+USER_ERRORS = (ConfigError, DataError, CheckpointError, LockError, DiskFull, SubmitError, FileNotFoundError,
+               ModuleNotFoundError)
 ADAPTER_VERBS = ("extract", "merge", "export", "predict", "inspect")
 
 
@@ -53,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("config", help="list every config field, or print the resolved config of a file + overrides")
     sp.add_argument("config", nargs="?", help="experiment YAML; without it, the reference of every field is printed")
     sp.add_argument("overrides", nargs="*", help="dotted overrides applied to the file, e.g. train.lr=1e-4")
+    sp.add_argument("--check", action="store_true", help="also read model.path (config.json, weight files, "
+                    "tokenizer) and load every task of data.order, as submit does before queueing anything")
     sp = sub.add_parser("plan", help="memory and communication per GPU of each ZeRO layout, and the one to use")
     sp.add_argument("config", help="experiment YAML")
     sp.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.micro_batch_size=4")
@@ -68,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("config", help="experiment YAML; its slurm section sets nodes, GPUs, partition, walltime")
     sp.add_argument("overrides", nargs="*", help="dotted overrides, e.g. slurm.nodes=2 slurm.account=PROJ")
     sp.add_argument("--dry-run", action="store_true", help="print the sbatch commands instead of running them")
+    sp.add_argument("--no-check", action="store_true", help="skip reading model.path and the data on this host "
+                    "(for paths only the compute nodes see)")
     sp = sub.add_parser("report", help="print and write a run's accuracy matrix and metrics")
     sp.add_argument("run_dir", help="the run folder (run.dir), holding stages/")
     src = "a run folder, stage folder, mid-stage checkpoint folder or bundle"
@@ -137,17 +145,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.verb in ADAPTER_VERBS:
             return adapter_verb(args, make_strategy(None))
         if args.verb == "config":
-            from .config import dump_yaml, reference
-
-            print(reference() if args.config is None else dump_yaml(load_config(args.config, args.overrides)), end="")
-            return 0
+            return config_verb(args, parser)
         cfg = load_config(args.config, args.overrides)
         if args.verb == "plan":
             return plan_verb(args, cfg)
         if args.verb == "submit":
             from .slurm import submit
 
-            for line in submit(cfg, dry_run=args.dry_run):
+            for line in submit(cfg, dry_run=args.dry_run, check=not args.no_check):
                 print(line, flush=True)
             return 0
         from . import recipe  # (transformers' model code: seconds to import, not needed above)
@@ -176,6 +181,26 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+
+
+def config_verb(args, parser) -> int:
+    """`config`: the schema's reference, or a file's resolved config; with --check, the pre-flight checks too."""
+    from .config import dump_yaml, reference
+
+    if args.config is None:
+        if args.check:
+            parser.error("config --check needs a CONFIG file")
+        print(reference(), end="")
+        return 0
+    cfg = load_config(args.config, args.overrides)
+    print(dump_yaml(cfg), end="", flush=True)
+    if args.check:
+        from .preflight import check
+
+        for line in check(cfg):
+            print(f"checked {line}", file=sys.stderr)
+        print("no problem found", file=sys.stderr)
+    return 0
 
 
 def plan_verb(args, cfg) -> int:
