@@ -1,6 +1,6 @@
 # Two commands do all the set-up on a fresh machine (Python 3.11, CPU):
-#   make demo   SmolLM2-135M learns three bundled MTL5 tasks in turn (README: Quick start)
-#   make test   the test suite
+#   make demo   SmolLM2-135M learns three bundled MTL5 tasks in turn (README: The demo)
+#   make test   the test suite (docs/testing.md)
 PY ?= python3
 VENV ?= .venv
 BIN = $(VENV)/bin
@@ -11,7 +11,7 @@ setup: $(VENV)/.installed
 # torch first and pinned (the pin in requirements.txt), so that no later package pulls another build.
 # Which build depends on the index: public PyPI's Linux wheel is a multi-GB CUDA build;
 # TORCH_INDEX=https://download.pytorch.org/whl/cpu gives the CPU build, .../whl/cu126 (say) a given CUDA;
-# empty uses pip's own configuration (README: GPU nodes). Then the runtime + test requirements, the
+# empty uses pip's own configuration (docs/install.md). Then the runtime + test requirements, the
 # --no-deps packages (see requirements.txt), and the project itself, editable (`moecl` on the venv's
 # PATH), built by the pinned setuptools.
 TORCH = $(shell grep -m1 '^torch==' requirements.txt)

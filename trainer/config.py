@@ -148,7 +148,7 @@ class DataConfig:
     """Per-task instruction text, overriding the built-in ones for MTL5 tasks."""
     tasks: dict[str, TaskSource] = field(default_factory=dict)
     """Tasks read from your own files with a column mapping (JSON, JSONL, CSV, Parquet, save_to_disk), by
-    task name; the other tasks of the order are folders under data.root (README: your cluster, your data)."""
+    task name; the other tasks of the order are folders under data.root (docs/data.md)."""
     cache_dir: str = "~/.cache/moe-cl/datasets"
     """Where tokenized datasets are cached (by content hash of data, tokenizer and template)."""
 
@@ -224,7 +224,8 @@ class EvalConfig:
     after the last stage, every task are evaluated on all their test rows (data.max_eval_examples);
     the untrained model and the other tasks of a stage on the first other_rows of them. null: all."""
     val: bool = True
-    """Evaluate the stage's task on its validation split after training (logged, never used to select)."""
+    """Evaluate the stage's task on its validation split after training: printed and recorded in stage.json
+    (eval.val_accuracy), never used to select anything."""
     task_id: Literal["given", "inferred"] = "given"
     """given: every test row is evaluated with its own task's prompt and experts. inferred: also as a
     deployment without task ids would serve it, the router choosing the task from the row's text (its
@@ -238,7 +239,8 @@ class RouterConfig:
 
     layer: int = 4
     """Decoder layers of the frozen base run for a request's routing features (0: its token embeddings
-    alone). Larger than the base's depth: all of them. Chosen on MTL5's validation split (README)."""
+    alone). Larger than the base's depth: all of them. Chosen on MTL5's validation split
+    (docs/benchmarks/routing.md)."""
     max_rows: int = 1000
     """Training rows per task the statistics are computed from (a seeded subset; the router does not
     depend on data.max_train_examples, which caps the rows trained on)."""
@@ -264,9 +266,9 @@ class DistributedConfig:
     stage.json records the plan and the choice. Batch sizes, accumulation, clipping and precision are
     filled in from this experiment config."""
     gloo_broadcast_gather: bool = False
-    """CPU ranks (gloo): run DeepSpeed's parameter all-gathers as one broadcast per rank, 3x the bandwidth of
-    gloo's all-gather for large shards here (results/bench_gloo_cpu.txt). Off by default: with it on, a rank
-    aborted at exit ("terminate called without an active exception") in 2 of 3 full test runs (issue 30)."""
+    """CPU ranks (gloo): run DeepSpeed's parameter all-gathers as one broadcast per rank, faster than gloo's
+    all-gather for large shards (measured: docs/distributed.md). Off by default: with it on, a rank aborted at
+    exit ("terminate called without an active exception") in 2 of 3 full test runs (issue 30)."""
     param_persistence_threshold: Optional[int] = None
     """Overrides stage3_param_persistence_threshold (parameters below it are not sharded); 0 shards all."""
     timeout_seconds: int = 1800
@@ -282,9 +284,11 @@ class SlurmConfig:
     nodes: int = 1
     """Nodes per stage job (sbatch --nodes)."""
     gpus_per_node: int = 0
-    """Ranks per node = GPUs per node; 0 runs `procs_per_node` CPU ranks per node instead."""
+    """Ranks per node = GPUs per node, asked of sbatch as --gpus-per-node; 0 asks for none and runs
+    `procs_per_node` ranks per node instead."""
     procs_per_node: int = 1
-    """CPU ranks per node when gpus_per_node is 0."""
+    """Ranks per node when gpus_per_node is 0: CPU ranks, or one per GPU when the job gets its GPUs another way
+    (e.g. "--gres=gpu:8" in slurm.extra)."""
     partition: Optional[str] = None
     """sbatch --partition; null: the cluster's default."""
     account: Optional[str] = None
@@ -304,10 +308,12 @@ class SlurmConfig:
     """Further sbatch options, e.g. ["--qos=high", "--constraint=a100"]."""
     setup: list[str] = field(default_factory=list)
     """Shell lines the batch script sources before it starts the ranks, e.g. ["module load cuda/12.1",
-    "source .venv/bin/activate"]. They run in the batch shell on the job's first node only; what they export
-    reaches every node's ranks through srun's environment, other effects do not."""
+    "export NCCL_DEBUG=WARN"]. They run in the batch shell on the job's first node only; what they export
+    reaches every node's ranks through srun's environment, other effects do not. They do not choose the
+    Python the ranks run: slurm.python does."""
     python: Optional[str] = None
-    """Python on the compute nodes; default: the one running `submit`."""
+    """The Python every node runs (an absolute path the nodes see, e.g. a venv on a shared filesystem); null:
+    the one running `submit` (slurm/submit.sh runs this checkout's .venv if there is one)."""
 
 
 @dataclass
