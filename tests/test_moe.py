@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import traceback
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
 from trainer.config import ExpertsConfig
-from trainer.model import MoECLModel, check_supported
+from trainer.model import MoECLModel, answer_positions, check_supported
 from trainer.moe import SHARED, MoECLMLP, Routing, masked_mean, reverse_gradient
 
 
@@ -521,3 +524,72 @@ def test_mocl_weighs_every_learned_lora_by_key_matching_per_row(tiny_llama_dir):
         mixed = model.hidden_states(ids[:1], mask[:1], "b")
         alone = model.hidden_states(ids[:1], mask[:1], None, only="a")
     torch.testing.assert_close(mixed, alone, rtol=1e-4, atol=1e-5)
+
+
+# Calls that make the host wait for the device (on a GPU each is a synchronisation point).
+_SYNCING = {"item", "tolist", "__int__", "__float__", "__bool__", "__index__", "cpu", "numpy", "nonzero",
+            "masked_select", "unique"}
+
+
+class _Syncs(torch.overrides.TorchFunctionMode):
+    """Records every tensor call that would wait for the device: a value read back to Python, or an
+    output whose shape depends on the values (a boolean index)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", str(func))
+        boolean_index = name in ("__getitem__", "__setitem__") and any(
+            isinstance(a, torch.Tensor) and a.dtype == torch.bool
+            for a in (args[1] if isinstance(args[1], tuple) else (args[1],)))
+        if name in _SYNCING or boolean_index:
+            caller = next(f for f in reversed(traceback.extract_stack()[:-1]) if "site-packages/torch/" not in f.filename)
+            if Path(caller.filename).parent.name == "trainer":  # this trainer's code, not transformers'
+                self.calls.append(f"{name}{'[bool]' if boolean_index else ''} at {Path(caller.filename).name}:{caller.lineno}")
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("method, extra", [("moe_cl", "memory"), ("moe_cl", "noise"), ("olora", "none"),
+                                           ("mocl", "none")])
+def test_a_micro_step_never_waits_for_the_device(tiny_llama_dir, method, extra):
+    """A training micro-step of this trainer's code (forward, backward, the logging window's running sums)
+    reads nothing back from the device: on a GPU each read would stall the host until the queued kernels
+    finish. (transformers' own check of the attention mask, once per forward, is outside; so is CPU dropout,
+    which draws its seed on the host by design: dropout is off here.)"""
+    from trainer.recipe import _accumulate
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    model = MoECLModel(base, ["a", "b"], ExpertsConfig(method=method, discriminator_extra=extra, dropout=0.0))
+    for t in ("a", "b"):
+        model.add_task(t)
+    model.freeze_all_but("b")
+    model.train()
+    x = torch.randint(0, 1000, (3, 10), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(x)
+    labels = torch.where(torch.arange(10) >= 8, x, -100)
+    memory = (x[:2], mask[:2], "a") if extra == "memory" else None
+    positions = answer_positions(labels)  # as the training loop computes them, on the host
+    window: dict = {}
+    with _Syncs() as syncs:
+        out = model(x, mask, labels, "b", memory, answer_positions=positions)
+        out.loss.backward()
+        _accumulate(window, out, 0.5)
+    assert syncs.calls == [], "\n".join(syncs.calls)
+    assert window["tokens"] == 30 and window["task_loss"] == pytest.approx(0.5 * float(out.task_loss))
+
+
+def test_answer_loss_reads_the_labelled_next_tokens_only():
+    """answer_loss = mean cross-entropy of the head at position t against label t + 1, over the labelled
+    positions, whether their flat indices come from the host (`answer_positions`) or are found here."""
+    from trainer.model import answer_loss
+
+    g = torch.Generator().manual_seed(0)
+    hidden, head = torch.randn(2, 5, 8, generator=g), torch.nn.Linear(8, 11)
+    labels = torch.tensor([[-100, -100, 3, 4, -100], [-100, 7, -100, -100, 2]])
+    by_hand = torch.stack([F.cross_entropy(head(hidden[b, t - 1]), labels[b, t]) for b, t in
+                           [(0, 2), (0, 3), (1, 1), (1, 4)]]).mean()
+    assert answer_positions(labels).tolist() == [1, 2, 5, 8]
+    for positions in (None, answer_positions(labels)):
+        assert torch.allclose(answer_loss(head, hidden, labels, positions), by_hand)

@@ -39,11 +39,22 @@ METHODS = {
 }
 
 
-def answer_loss(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Next-token cross-entropy on the labelled positions; `head` runs on those positions only."""
-    targets = labels[:, 1:]
-    keep = targets != IGNORE
-    return F.cross_entropy(head(hidden[:, :-1][keep]).float(), targets[keep])
+def answer_positions(labels: torch.Tensor) -> torch.Tensor:
+    """Flat indices into (batch * seq) of the positions whose next token is labelled: where `answer_loss`
+    reads. Computed where the labels are built (on the host, see `train_stage`), they let a GPU step
+    select those positions without a boolean index, whose output size the host must wait for."""
+    rows, cols = (labels[:, 1:] != IGNORE).nonzero(as_tuple=True)
+    return rows * labels.shape[1] + cols
+
+
+def answer_loss(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor,
+                positions: torch.Tensor | None = None) -> torch.Tensor:
+    """Next-token cross-entropy on the labelled positions; `head` runs on those positions only.
+    `positions`: `answer_positions(labels)`, on hidden's device (computed here when not given)."""
+    if positions is None:
+        positions = answer_positions(labels)
+    picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions)
+    return F.cross_entropy(head(picked).float(), labels.reshape(-1).index_select(0, positions + 1))
 
 
 def method_experts(method: str, learned: list[str]) -> list[str]:
@@ -72,8 +83,8 @@ class StepOutput(NamedTuple):  # a named tuple: ZeRO-3 finds the tensors in it f
     orth_loss: torch.Tensor | None  # olora's penalty (unweighted)
     match_loss: torch.Tensor | None  # mocl's key-matching loss (unweighted)
     disc_acc: dict[str, torch.Tensor] | None  # the discriminators' accuracy per class seen (a task, NOISE)
-    gate_shared: list[float]    # per layer: mean gate weight on the shared expert
-    tokens: int                 # non-pad tokens in the batch
+    gate_shared: list[torch.Tensor]  # per layer: mean gate weight on the shared expert (detached)
+    tokens: torch.Tensor        # non-pad tokens in the batch (left on the device, as every field)
 
 
 def check_supported(base: nn.Module, source: str = "") -> None:
@@ -201,16 +212,18 @@ class MoECLModel(nn.Module):
         return getattr(self, entry)(*args, **kwargs)
 
     def step(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
-             task: str, memory: tuple[torch.Tensor, torch.Tensor, str] | None = None) -> StepOutput:
+             task: str, memory: tuple[torch.Tensor, torch.Tensor, str] | None = None,
+             answer_positions: torch.Tensor | None = None) -> StepOutput:
         """A training step's forward. input_ids, attention_mask, labels: (batch, seq). `memory`: (ids, mask,
-        task) of stored rows of one earlier task, run for the discriminator loss alone (discriminator_extra=memory)."""
+        task) of stored rows of one earlier task, run for the discriminator loss alone (discriminator_extra=memory).
+        `answer_positions`: see `answer_positions`. Nothing is read back from the device here."""
         if task not in self.learned_tasks:
             raise KeyError(f"task {task!r} has no expert yet; call add_task first")
         # MoCL's query reads the prompt alone, as at evaluation
         query_mask = attention_mask * (labels == IGNORE) if self.method == "mocl" else None
         hidden = self.hidden_states(input_ids, attention_mask, task, collect=self.training, query_mask=query_mask)
-        task_loss = self.answer_loss(hidden, labels)
-        gates = [self.routing.gate_shared[i].item() for i in sorted(self.routing.gate_shared)]
+        task_loss = self.answer_loss(hidden, labels, answer_positions)
+        gates = [self.routing.gate_shared[i] for i in sorted(self.routing.gate_shared)]
         disc_loss = disc_acc = orth_loss = match_loss = None
         if self.method == "mocl":  # the task's key is pulled towards its rows' queries: mean (1 - cos)
             cos = self.routing.query_cos[:, self.routing.summed.index(task)]
@@ -228,7 +241,7 @@ class MoECLModel(nn.Module):
             loss = loss + self.orthogonal_weight * orth_loss
         if match_loss is not None:
             loss = loss + self.mocl_match_weight * match_loss
-        return StepOutput(loss, task_loss, disc_loss, orth_loss, match_loss, disc_acc, gates, int(attention_mask.sum()))
+        return StepOutput(loss, task_loss, disc_loss, orth_loss, match_loss, disc_acc, gates, attention_mask.sum())
 
     def orthogonality_loss(self, task: str) -> torch.Tensor:
         """O-LoRA's penalty, sum over layers and projections of |A_task A_s^T| for every earlier task s,
@@ -264,13 +277,14 @@ class MoECLModel(nn.Module):
         mask[:, 0] = 0
         return masked_mean(hidden.float(), mask)
 
-    def answer_loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def answer_loss(self, hidden: torch.Tensor, labels: torch.Tensor,
+                    positions: torch.Tensor | None = None) -> torch.Tensor:
         """Mean next-token cross-entropy over the labelled (answer) tokens only.
 
         The vocabulary projection runs on those positions alone: (answer tokens, vocab) logits,
         not (batch * seq, vocab).
         """
-        return answer_loss(self.base.get_output_embeddings(), hidden, labels)
+        return answer_loss(self.base.get_output_embeddings(), hidden, labels, positions)
 
     @torch.no_grad()
     def option_token_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, task: str | None,

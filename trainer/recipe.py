@@ -34,7 +34,7 @@ from .data import DataError, Encoded, PromptFormat, Task, collate, load_tasks, s
 from .distributed import Interrupted, Strategy, rng_state, set_rng_state
 from .evaluate import evaluate
 from .metrics import cl_metrics, format_table, heatmap
-from .model import NOISE, MoECLModel, checkpoint_layers
+from .model import NOISE, MoECLModel, answer_positions, checkpoint_layers
 from .monitor import Monitor, Progress
 from .memory import MEMORY, Memory
 from .router import ROUTER, Router, gather_features, request_ids, request_text
@@ -299,14 +299,16 @@ def train_stage(s: Setup, tr: Training, strategy: Strategy, monitor: Monitor, st
         for micro, rows in enumerate(step_batches(len(train_set.rows), step, tc.micro_batch_size, tr.accum,
                                                   strategy.world_size, strategy.rank, data_seed)):
             batch = collate([train_set.rows[i] for i in rows], pad)
-            batch = {k: v.to(strategy.device) for k, v in batch.items()}
+            batch["answer_positions"] = answer_positions(batch["labels"])  # on the host: no device wait
+            batch = {k: v.to(strategy.device, non_blocking=True) for k, v in batch.items()}
             # one draw per micro-batch of the global batch (its index j: micro * world + rank, as step_batches
             # deals them), so any number of ranks sees the memory rows one rank would
             turn = (step * tr.accum + micro) * strategy.world_size + strategy.rank
             memory = s.memory and s.memory.batch(cfg.data.order[: s.k - 1], turn, cfg.experts.memory_batch,
                                                  data_seed, pad)
             memory = memory and (memory[0].to(strategy.device), memory[1].to(strategy.device), memory[2])
-            out = engine(batch["input_ids"], batch["attention_mask"], batch["labels"], s.task, memory)
+            out = engine(batch["input_ids"], batch["attention_mask"], batch["labels"], s.task, memory,
+                         answer_positions=batch["answer_positions"])
             strategy.backward(out.loss)
             _accumulate(window, out, 1 / tr.accum)
         grad_norm = strategy.optimizer_step()
@@ -711,22 +713,35 @@ def seed_everything(seed: int) -> None:
 
 
 def _accumulate(window: dict, out, weight: float) -> None:
-    window["task_loss"] = window.get("task_loss", 0.0) + weight * out.task_loss.item()
+    """Add a micro-step's statistics to the logging window. The sums stay on the device (no host
+    synchronisation per micro-step); `_window_means` reads them back once, at a logging step."""
+    def add(key, value):
+        window[key] = window.get(key, 0.0) + weight * value.detach()
+
+    add("task_loss", out.task_loss)
     if out.disc_loss is not None:
-        window["disc_loss"] = window.get("disc_loss", 0.0) + weight * out.disc_loss.item()
+        add("disc_loss", out.disc_loss)
         for c, acc in out.disc_acc.items():  # per class, with how often it was seen (memory: one task a step)
-            window[f"disc_acc/{c}"] = window.get(f"disc_acc/{c}", 0.0) + weight * acc.item()
+            add(f"disc_acc/{c}", acc)
             window[f"disc_seen/{c}"] = window.get(f"disc_seen/{c}", 0.0) + weight
     if out.orth_loss is not None:
-        window["orth_loss"] = window.get("orth_loss", 0.0) + weight * out.orth_loss.item()
+        add("orth_loss", out.orth_loss)
     if out.match_loss is not None:
-        window["match_loss"] = window.get("match_loss", 0.0) + weight * out.match_loss.item()
+        add("match_loss", out.match_loss)
     for i, g in enumerate(out.gate_shared):
-        window[f"gate_{i}"] = window.get(f"gate_{i}", 0.0) + weight * g
-    window["tokens"] = window.get("tokens", 0.0) + out.tokens
+        add(f"gate_{i}", g)
+    window["tokens"] = window.get("tokens", 0) + out.tokens
+
+
+def _on_host(window: dict) -> dict:
+    """The window with its device sums read back in one transfer."""
+    keys = [k for k, v in window.items() if isinstance(v, torch.Tensor)]
+    values = torch.stack([window[k].double() for k in keys]).tolist() if keys else []
+    return {**window, **dict(zip(keys, values))}
 
 
 def _window_means(window: dict, strategy: Strategy, disc_classes: list[str] = ()) -> dict:
+    window = _on_host(window)
     steps = window.pop("steps")
     tokens = window.pop("tokens")
     for c in disc_classes:  # the same keys on every rank for the reduction
