@@ -457,3 +457,16 @@ def test_hpz_on_two_nodes_trains_as_plain_zero3(tmp_path, model_cache):
     for k in hpz:
         torch.testing.assert_close(hpz[k], plain[k], rtol=1e-4, atol=1e-5)
     assert any(torch.count_nonzero(hpz[k]) for k in hpz if k.endswith("lora_b"))
+
+
+@pytest.mark.parametrize("local_rank, visible, gpu", [("3", 1, 0), ("3", 8, 3), ("5", 4, 1), (None, 2, 0)])
+def test_a_rank_claims_a_gpu_it_can_see_and_deepspeed_reads_the_same(local_rank, visible, gpu):
+    """srun --gpus-per-task=1 shows each rank one GPU (device 0) while LOCAL_RANK counts the node's ranks:
+    the rank's GPU is LOCAL_RANK modulo the visible GPUs, and LOCAL_RANK is rewritten to it before
+    DeepSpeed, which reads the variable itself, starts."""
+    from trainer.distributed import claim_local_gpu
+
+    env = {} if local_rank is None else {"LOCAL_RANK": local_rank}
+    assert claim_local_gpu(env, visible) == gpu and env["LOCAL_RANK"] == str(gpu)
+    with pytest.raises(RuntimeError, match="no GPU is visible"):
+        claim_local_gpu({"LOCAL_RANK": "0"}, 0)

@@ -593,3 +593,18 @@ def test_answer_loss_reads_the_labelled_next_tokens_only():
     assert answer_positions(labels).tolist() == [1, 2, 5, 8]
     for positions in (None, answer_positions(labels)):
         assert torch.allclose(answer_loss(head, hidden, labels, positions), by_hand)
+
+
+def test_olora_earlier_a_matrices_follow_a_to_its_device():
+    """O-LoRA's earlier A matrices are stacked on the host before set-up; ZeRO-3 then moves the parameters
+    (to the GPU) but not this buffer, so the first training forward moves it to A's device. The meta device
+    stands in for a GPU here: there, a CPU buffer times a GPU A fails."""
+    from trainer.moe import LoRA
+
+    with torch.device("meta"):
+        lora = LoRA(8, 4, rank=2, alpha=4)
+    lora.orthogonal_to = torch.randn(2, 8)  # as freeze_all_but builds it, on the host
+    lora.train()
+    lora(torch.empty(3, 8, device="meta"))
+    assert lora.orthogonal_to.device.type == "meta" and lora.penalty.device.type == "meta"
+    assert "orthogonal_to" not in lora.state_dict()  # still a non-persistent buffer

@@ -246,17 +246,15 @@ class DeepSpeedStrategy(Strategy):
             comm_torch = sys.modules.get("deepspeed.comm.torch")
             if comm_torch is not None:
                 comm_torch.build_shm_op = lambda: None
+        if cuda:  # before DeepSpeed reads LOCAL_RANK (init_distributed's device id, initialize's set_device)
+            torch.cuda.set_device(claim_local_gpu(os.environ, torch.cuda.device_count()))
         # A collective waiting longer than this for a rank fails, and the job ends (no rank waits forever).
         deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", auto_mpi_discovery=False,
                                    timeout=timedelta(seconds=cfg.distributed.timeout_seconds))
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         if not cuda and cfg.distributed.gloo_broadcast_gather:
             _all_gather_by_broadcasts()
-        local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        if cuda:  # srun --gpus-per-task shows each rank its own GPU alone
-            local_rank %= torch.cuda.device_count()
-            torch.cuda.set_device(local_rank)
-        self.device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+        self.device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if cuda else torch.device("cpu")
         self.plan: Plan | None = None
         self.ds_config_file = cfg.distributed.ds_config
         if cfg.distributed.ds_config == "auto":
@@ -539,6 +537,20 @@ def auto_plan(cfg: Config, world_size: int, device: torch.device, training: bool
     cluster = Cluster(world_size // local, local, device_memory(device, local), device.type)
     return plan_for(cfg, cluster, hf, torch.empty((), dtype=resolve_dtype(cfg.model)).element_size(),
                     None if training else 1)
+
+
+def claim_local_gpu(env, visible: int) -> int:
+    """This rank's GPU among the `visible` ones, written back to env["LOCAL_RANK"].
+
+    LOCAL_RANK counts the ranks of a node (SLURM_LOCALID under srun), but `srun --gpus-per-task=1` shows
+    each rank its own GPU alone, as device 0: the raw local rank 3 names a GPU that rank cannot see
+    ("invalid device ordinal"). DeepSpeed reads LOCAL_RANK itself, so the reduced value must be in the
+    environment before it starts."""
+    if visible < 1:
+        raise RuntimeError("CUDA is available but no GPU is visible to this rank (CUDA_VISIBLE_DEVICES?)")
+    local = int(env.get("LOCAL_RANK", 0)) % visible
+    env["LOCAL_RANK"] = str(local)
+    return local
 
 
 def launched() -> bool:

@@ -66,6 +66,9 @@ class LoRA(nn.Module):
         Scaling and weight are applied in the rank-r space, where they cost r instead of out_features
         multiplications per token."""
         if self.training and self.orthogonal_to is not None:
+            if self.orthogonal_to.device != self.lora_a.device:
+                # built where A was before set-up (the host); ZeRO-3 moves parameters, never buffers: moved once
+                self.orthogonal_to = self.orthogonal_to.to(self.lora_a.device)
             self.penalty = (self.lora_a @ self.orthogonal_to.to(self.lora_a.dtype).T).abs().sum()
         # float16's narrow range is no place for the rank-space products: there the LoRA runs in its
         # parameters' float32 (casting the activations).
