@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import weakref
 
 import pytest
 import torch
@@ -103,3 +104,48 @@ def test_generative_task_is_learned_and_scored_by_exact_match(tmp_path, model_ca
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["baseline"] == [0.0]
     assert metrics["accuracy"] == [[1.0]]
+
+
+class _LiveBytes(torch.utils._python_dispatch.TorchDispatchMode):
+    """The peak bytes of tensor storage alive at once, counted at every op's outputs (CPU tensors)."""
+
+    def __init__(self):
+        super().__init__()
+        self.live, self.peak, self.seen = 0, 0, set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in self.seen:
+                storage = t.untyped_storage()
+                key, size = storage.data_ptr(), storage.nbytes()
+                self.seen.add(key)
+                self.live += size
+                self.peak = max(self.peak, self.live)
+                weakref.finalize(storage, self._free, key, size)
+        return out
+
+    def _free(self, key, size):
+        self.seen.discard(key)
+        self.live -= size
+
+
+def test_option_scoring_memory_is_bounded_whatever_the_number_of_options(model):
+    """Likelihood scoring copies a prompt's key/value cache per (row, option) pair: with at most
+    `max_pairs` pairs per forward, the peak tensor memory does not grow with the number of options, and the
+    scores are those of scoring every option at once."""
+    prompts = [[5, 6, 7, 8, 9, 10, 11, 12] * 4, [11, 12] * 6, [13, 14, 15] * 5]
+    batch = collate([{"input_ids": p} for p in prompts], pad_id=0, left=True, keys=("input_ids",))
+    peaks = {}
+    for k in (4, 16):
+        options = torch.tensor([[20 + j, 40 + j, 60 + j] for j in range(k)])
+        whole = model.option_logprobs(batch["input_ids"], batch["attention_mask"], options, "agnews")
+        with _LiveBytes() as live:
+            bounded = model.option_logprobs(batch["input_ids"], batch["attention_mask"], options, "agnews", max_pairs=6)
+        assert torch.allclose(bounded, whole, atol=1e-5)
+        peaks[k] = live.peak
+    assert peaks[16] <= 1.1 * peaks[4], peaks
+    # more rows than pairs: the rows in turn, the same scores
+    options = torch.tensor([[20, 21], [22, IGNORE]])
+    assert torch.allclose(model.option_logprobs(batch["input_ids"], batch["attention_mask"], options, "agnews", max_pairs=1),
+                          model.option_logprobs(batch["input_ids"], batch["attention_mask"], options, "agnews"), atol=1e-5)

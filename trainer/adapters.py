@@ -445,7 +445,7 @@ def _merge_at_mean_gate(ad: Adapters, folder: Path, out: Path, task: str, strate
     with atomic.staged_dir(out) as tmp:
         write_merged(ad, folder, tmp, mix)
         merged = evaluate(_plain_as_moecl(load_plain(tmp, strategy.device), ad, strategy.device), test, tok,
-                          batch_size, ad.config.eval.max_new_tokens, strategy)
+                          batch_size, ad.config.eval.max_new_tokens, strategy, option_pairs=ad.config.eval.option_pairs)
         agree = sum(a == b for a, b in zip(exact["predictions"], merged["predictions"])) / max(exact["total"], 1)
         report.update({"accuracy_merged": merged["accuracy"], "agreement": agree})
         (tmp / "merge_report.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -458,7 +458,8 @@ def _gate_means_and_accuracy(ad: Adapters, folder: Path, fmt: PromptFormat, data
     this call, so it is freed before the merged model is loaded."""
     model, _ = build_model(ad, folder, strategy)
     means = gate_means(model, fmt, data, calibration_rows, batch_size, strategy.device)
-    return means, evaluate(model, test, fmt.tok, batch_size, ad.config.eval.max_new_tokens, strategy)
+    return means, evaluate(model, test, fmt.tok, batch_size, ad.config.eval.max_new_tokens, strategy,
+                           option_pairs=ad.config.eval.option_pairs)
 
 
 def _plain_as_moecl(plain, ad: Adapters, device: torch.device) -> MoECLModel:
@@ -611,7 +612,8 @@ class Server:
                 if name is None:
                     preds = _base_answers(self.model, batch, tok, max_new_tokens, device)
                 else:
-                    preds = predict_batch(self.model, enc, batch, tok, max_new_tokens, self.strategy)
+                    preds = predict_batch(self.model, enc, batch, tok, max_new_tokens, self.strategy,
+                                          self.ad.config.eval.option_pairs)
                 for j, p in enumerate(preds, start=start):
                     row = {k: v for k, v in rows[idx[j]].items() if not k.startswith("_")}
                     row["prediction"] = task.labels[p] if task.kind == "classification" else p

@@ -217,6 +217,11 @@ class TrainConfig:
 class EvalConfig:
     batch_size: int = 16
     """Rows per evaluation forward (per rank)."""
+    option_pairs: int = 32
+    """At most this many (row, option) pairs per forward when options are scored by their likelihood
+    (data.answer: label, or options that are not single distinct tokens). Each pair holds a copy of its
+    prompt's key/value cache (at 7B, 2 x 32 layers x 4096 x 2 bytes = 0.5 MB per prompt token), so this
+    bounds evaluation memory whatever the number of options: more options run in groups."""
     max_new_tokens: int = 32
     """Greedy decoding budget for generative (JSONL) tasks."""
     other_rows: Optional[int] = None
@@ -414,6 +419,7 @@ def validate(cfg: Config) -> list[str]:
     positive = {"experts.rank": cfg.experts.rank, "data.max_length": cfg.data.max_length,
                 "train.micro_batch_size": cfg.train.micro_batch_size, "train.grad_accum": cfg.train.grad_accum,
                 "train.epochs": cfg.train.epochs, "eval.batch_size": cfg.eval.batch_size,
+                "eval.option_pairs": cfg.eval.option_pairs,
                 "train.log_every": cfg.train.log_every, "train.lr": cfg.train.lr}
     errs += [f"{k}: must be > 0, got {v}" for k, v in positive.items() if v <= 0]
     for k, v in {"train.max_steps": cfg.train.max_steps, "data.max_train_examples": cfg.data.max_train_examples,

@@ -16,6 +16,7 @@ only a different routing, set of experts and trainable parameters, plus O-LoRA's
 
 from __future__ import annotations
 
+import copy
 from typing import NamedTuple
 
 import torch
@@ -300,18 +301,38 @@ class MoECLModel(nn.Module):
 
     @torch.no_grad()
     def option_logprobs(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, options: torch.Tensor,
-                        task: str | None) -> torch.Tensor:
+                        task: str | None, max_pairs: int | None = None) -> torch.Tensor:
         """log P(option | prompt) for every prompt and option: (batch, num_options).
 
-        The prompts (left-padded, (batch, seq)) run once; their key/value cache is repeated for
-        the options (right-padded with IGNORE, (num_options, len)), which run as one short batch.
-        """
-        self._route(task, prompt_mask, collect=False, input_ids=prompt_ids)
-        decoder, head = self.base.get_decoder(), self.base.get_output_embeddings()
+        The prompts (left-padded, (batch, seq)) run once; their key/value cache is repeated for the
+        options (right-padded with IGNORE, (num_options, len)), which run as short batches. Every
+        (prompt, option) pair holds a copy of its prompt's cache, so at most `max_pairs` pairs run at once
+        (None: all): the options in groups, and more prompts than that in turn. Evaluation memory is then
+        bounded whatever the number of options."""
         b, k = prompt_ids.shape[0], options.shape[0]
+        max_pairs = max_pairs or b * k
+        if b > max_pairs:
+            return torch.cat([self.option_logprobs(prompt_ids[i:i + max_pairs], prompt_mask[i:i + max_pairs], options,
+                                                   task, max_pairs) for i in range(0, b, max_pairs)])
+        self._route(task, prompt_mask, collect=False, input_ids=prompt_ids)
+        weights = self.routing.weights  # mocl: each prompt's expert weights
+        decoder = self.base.get_decoder()
         positions = (prompt_mask.cumsum(-1) - 1).clamp_min(0)
         out = decoder(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions, use_cache=True)
-        cache = out.cache
+        group = max(1, max_pairs // b)
+        scores = []
+        for j in range(0, k, group):
+            last = j + group >= k  # the last group may extend the prompts' own cache; the others a copy
+            cache = out.cache if last else copy.deepcopy(out.cache)
+            self.routing.weights = weights
+            scores.append(self._continuations(out.last_hidden_state, cache, prompt_mask, positions, options[j:j + group]))
+        return torch.cat(scores, dim=1)
+
+    def _continuations(self, prompt_states: torch.Tensor, cache, prompt_mask: torch.Tensor, positions: torch.Tensor,
+                       options: torch.Tensor) -> torch.Tensor:
+        """log P(option | prompt), (batch, options), from the prompts' last states and cache (extended here)."""
+        b, k = prompt_mask.shape[0], options.shape[0]
+        decoder, head = self.base.get_decoder(), self.base.get_output_embeddings()
         cache.batch_repeat_interleave(k)
         if self.routing.weights:  # mocl: each prompt's expert weights, for each of its options
             self.routing.weights = {t: w.repeat_interleave(k, 0) for t, w in self.routing.weights.items()}
@@ -322,7 +343,7 @@ class MoECLModel(nn.Module):
         cont = decoder(input_ids=ids, attention_mask=mask, position_ids=cont_pos, cache=cache,
                        use_cache=False).last_hidden_state
         # Token j of an option is predicted from the prompt's last state (j = 0) or option state j-1.
-        states = torch.cat([out.last_hidden_state[:, -1:].repeat_interleave(k, 0), cont[:, :-1]], dim=1)
+        states = torch.cat([prompt_states[:, -1:].repeat_interleave(k, 0), cont[:, :-1]], dim=1)
         logp = torch.log_softmax(head(states[valid]).float(), dim=-1).gather(1, ids[valid].unsqueeze(1)).squeeze(1)
         rows = valid.nonzero()[:, 0]
         return torch.zeros(b * k, device=logp.device).index_add_(0, rows, logp).view(b, k)

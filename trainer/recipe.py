@@ -118,7 +118,7 @@ def run_stage(cfg: Config, k: int, strategy: Strategy) -> tuple[StageRecord, dic
         val = None
         if cfg.eval.val:
             val = evaluate(s.model, encode(s.fmt, s.tasks[s.task], "val", strategy), s.tokenizer, cfg.eval.batch_size,
-                           cfg.eval.max_new_tokens, strategy)["accuracy"]
+                           cfg.eval.max_new_tokens, strategy, option_pairs=cfg.eval.option_pairs)["accuracy"]
             strategy.print(f"validation accuracy on {s.task}: {val:.3f}")
     except StopRequested:
         save_checkpoint(s, tr, strategy, tr.total)
@@ -206,7 +206,7 @@ def evaluate_stage(cfg: Config, k: int | None, split: str, strategy: Strategy) -
     accuracy, rows, t0 = {}, {}, time.time()
     for name, task in tasks.items():
         result = evaluate(model, encode(fmt, task, split, strategy), tokenizer, cfg.eval.batch_size,
-                          cfg.eval.max_new_tokens, strategy, per_row=inferred)
+                          cfg.eval.max_new_tokens, strategy, per_row=inferred, option_pairs=cfg.eval.option_pairs)
         accuracy[name], rows[name] = result["accuracy"], result.get("correct_rows")
         strategy.print(f"{name}: {accuracy[name]:.4f}")
     out = {"stage": k, "split": split, "accuracy": accuracy}
@@ -446,7 +446,7 @@ def evaluate_tasks(s: Setup, strategy: Strategy, label: str, per_row: bool = Fal
             enc = replace(enc, rows=enc.rows[: s.cfg.eval.other_rows] if isinstance(enc.rows, list)
                           else enc.rows.select(range(min(len(enc.rows), s.cfg.eval.other_rows))))
         result = evaluate(s.model, enc, s.tokenizer, s.cfg.eval.batch_size, s.cfg.eval.max_new_tokens,
-                          strategy, per_row=per_row)
+                          strategy, per_row=per_row, option_pairs=s.cfg.eval.option_pairs)
         acc[t], rows[t], counts[t] = result["accuracy"], result.get("correct_rows"), result["total"]
     if strategy.stop_requested():
         raise StopRequested()
@@ -521,7 +521,7 @@ def evaluate_inferred(s: Setup, strategy: Strategy, router: Router, given_rows: 
             rows = [i for i, r in enumerate(chosen) if r == other]
             enc = routed_encoding(s, j, other, rows)
             right += evaluate(s.model, enc, s.tokenizer, s.cfg.eval.batch_size, s.cfg.eval.max_new_tokens,
-                              strategy)["correct"]
+                              strategy, option_pairs=s.cfg.eval.option_pairs)["correct"]
         routing[j] = sum(r == j for r in chosen) / n if j in learned else None
         inferred[j] = right / n
         flagged[j] = sum(routes[j].flagged(router.min_confidence)) / n
