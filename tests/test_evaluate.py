@@ -149,3 +149,27 @@ def test_option_scoring_memory_is_bounded_whatever_the_number_of_options(model):
     options = torch.tensor([[20, 21], [22, IGNORE]])
     assert torch.allclose(model.option_logprobs(batch["input_ids"], batch["attention_mask"], options, "agnews", max_pairs=1),
                           model.option_logprobs(batch["input_ids"], batch["attention_mask"], options, "agnews"), atol=1e-5)
+
+
+class _Widths(Strategy):
+    """One process, recording the padded width of every evaluation forward's prompts."""
+
+    def __init__(self):
+        self.widths = []
+
+    def run(self, model, entry, *args, **kwargs):
+        self.widths.append(tuple(args[0].shape))
+        return super().run(model, entry, *args, **kwargs)
+
+
+def test_each_rank_evaluates_its_rows_shortest_prompt_first(model, smollm2_tokenizer, tmp_path):
+    """Batches of similar prompt lengths: the padded tokens are those of the rows sorted by length, and the
+    predictions come back in row order (the same as one row at a time)."""
+    cfg = DataConfig(root=str(DATA), order=["agnews"], max_length=512, cache_dir=str(tmp_path), max_eval_examples=12)
+    enc = PromptFormat(smollm2_tokenizer, cfg).encode(load_tasks(cfg, 0)[0], "test")
+    lengths = sorted(r["prompt_len"] for r in enc.rows)
+    assert len(set(lengths)) > 4  # rows of many lengths
+    strategy = _Widths()
+    batched = evaluate(model, enc, smollm2_tokenizer, 4, 4, strategy)
+    assert sum(rows * width for rows, width in strategy.widths) == sum(max(lengths[i:i + 4]) * 4 for i in range(0, 12, 4))
+    assert batched["predictions"] == evaluate(model, enc, smollm2_tokenizer, 1, 4, Strategy())["predictions"]
