@@ -18,12 +18,12 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from trainer.adapters import (SHARD_INDEX, build_model, export_bundle, extract_peft, merge, merge_into_base,
-                              open_adapters, predict)
+from trainer.adapters import (SHARD_INDEX, Server, build_model, export_bundle, extract_peft, merge,
+                              merge_into_base, open_adapters, predict)
 from trainer.checkpoint import CheckpointError
 from trainer.config import load_config
 from trainer.data import load_tasks
-from trainer.distributed import LocalStrategy
+from trainer.distributed import LocalStrategy, resolve_dtype
 
 from .conftest import REPO, run_cli
 
@@ -356,3 +356,24 @@ def test_a_bf16_base_stays_bf16_and_adapters_stay_fp32(run, tmp_path):
     assert all(0.0 <= report[k] <= 1.0 for k in ("accuracy_moe_cl", "accuracy_merged", "agreement"))
     extract_peft(ad, "agnews", tmp_path / "peft")
     assert {dtype for _, dtype in _shards(tmp_path / "peft").values()} == {"F32"}
+
+
+def test_the_tools_serve_in_the_training_dtype_not_the_stored_one(run, tmp_path):
+    """A base stored in float16 (as Llama-2-7b-hf is) but trained in another dtype: predict and merge run it
+    in the dtype the stage records, unless told otherwise; the merged weights keep the stored dtype."""
+    ad = open_adapters(run)
+    trained = ad.base_record()["dtype"]
+    assert trained == str(resolve_dtype(ad.config.model)).removeprefix("torch.") != "float16"
+    stored16 = _copy_of_base(ad, tmp_path / "base", torch.float16)
+    stored16 = dataclasses.replace(stored16, info={**stored16.info, "base_model": {
+        **stored16.info["base_model"], "dtype": trained}})
+    strategy = LocalStrategy("cpu")
+    model, _ = build_model(stored16, tmp_path / "base", strategy)
+    assert model.base.dtype == getattr(torch, trained)
+    model, _ = build_model(stored16, tmp_path / "base", strategy, dtype=torch.float16)  # --dtype float16
+    assert model.base.dtype == torch.float16
+    report = merge(stored16, tmp_path / "mixed", None, "agnews", strategy, calibration_rows=8)
+    assert report["dtype"] == trained and {d for _, d in _shards(tmp_path / "mixed").values()} == {"F16"}
+    export_bundle(stored16, tmp_path / "bundle")
+    assert json.loads((tmp_path / "bundle" / "bundle.json").read_text())["base_model"]["dtype"] == trained
+    assert Server(tmp_path / "bundle", strategy, str(tmp_path / "base")).model.base.dtype == getattr(torch, trained)

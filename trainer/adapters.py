@@ -87,6 +87,12 @@ class Adapters:
         """{"path", "fingerprint"} of the base these adapters were trained on (fingerprint may be None)."""
         return self.info.get("base_model") or {"path": self.config.model.path, "fingerprint": None}
 
+    def training_dtype(self) -> torch.dtype | None:
+        """The base's dtype in training: the stage's record (or the config's explicit model.dtype); None
+        when unknown (a stage written before it was recorded, with model.dtype auto)."""
+        name = self.base_record().get("dtype") or (self.config.model.dtype if self.config.model.dtype != "auto" else None)
+        return getattr(torch, name) if name else None
+
 
 # -- reading sources --------------------------------------------------------------------------------
 
@@ -219,20 +225,28 @@ def stored_dtype(folder: Path) -> torch.dtype:
     raise CheckpointError(f"{folder}: no floating-point weights found")
 
 
-def load_plain(folder: Path, device: torch.device):
-    """The Hugging Face model at `folder` in its stored dtype, on `device`, in eval mode."""
+def load_plain(folder: Path, device: torch.device, dtype: torch.dtype | None = None):
+    """The Hugging Face model at `folder` in `dtype` (default: its stored dtype), on `device`, in eval mode."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=stored_dtype(folder), use_safetensors=True)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype or stored_dtype(folder), use_safetensors=True)
     return model.to(device).eval()
 
 
-def build_model(ad: Adapters, folder: Path, strategy: Strategy, discriminators: bool = False):
+def serving_dtype(ad: Adapters, folder: Path, dtype: torch.dtype | None = None) -> torch.dtype:
+    """The base's dtype for predict and merge's evaluation: `dtype` if given, else the one it was trained in
+    (a base stored in float16, as Llama-2-7b-hf is, trained in bfloat16 serves in bfloat16), else the
+    stored one."""
+    return dtype or ad.training_dtype() or stored_dtype(folder)
+
+
+def build_model(ad: Adapters, folder: Path, strategy: Strategy, discriminators: bool = False,
+                dtype: torch.dtype | None = None):
     """The MoE-CL model with these adapters on the base at `folder`, in eval mode, and its tokenizer.
 
-    The base keeps its stored dtype (`stored_dtype`); adapters and gates are float32, as trained.
-    Every parameter and buffer is on `strategy.device`, where the tools also put every batch."""
-    base = load_plain(folder, torch.device("cpu"))  # adapters are copied in on CPU, then all is moved once
+    The base is in `serving_dtype`; adapters and gates are float32, as trained. Every parameter and
+    buffer is on `strategy.device`, where the tools also put every batch."""
+    base = load_plain(folder, torch.device("cpu"), serving_dtype(ad, folder, dtype))  # adapters copied in on CPU, then all moved once
     model = MoECLModel(base, ad.config.data.order, ad.config.experts, discriminators=discriminators)
     for t in ad.learned:
         model.add_task(t)
@@ -399,13 +413,13 @@ def gate_means(model: MoECLModel, fmt: PromptFormat, task: Task, rows: int, batc
 
 
 def merge(ad: Adapters, out: Path, expert: str | None, task: str | None, strategy: Strategy, base: str | None = None,
-          calibration_rows: int = 64, batch_size: int = 16) -> dict:
+          calibration_rows: int = 64, batch_size: int = 16, dtype: torch.dtype | None = None) -> dict:
     """(a) `expert`: that expert folded into the base, exact. (b) `task`: its shared + task experts
     folded with the gate replaced by its per-layer mean on `calibration_rows` training rows; the
     agreement with the exact MoE-CL model on the task's test data is measured and returned.
 
     The output keeps the base's dtype and weight-file names (`write_merged`); exact merges never load
-    the base model, only stream its files."""
+    the base model, only stream its files. (b)'s models run in `serving_dtype(ad, base, dtype)`."""
     if (expert is None) == (task is None):
         raise ValueError("merge: give exactly one of --expert NAME or --task NAME")
     folder = base_folder(ad, base)
@@ -419,7 +433,8 @@ def merge(ad: Adapters, out: Path, expert: str | None, task: str | None, strateg
             raise CheckpointError(f"{ad.source}: mocl weighs its LoRAs per request by matching the request with its "
                                   "task keys, which no merged weight can do; merge one task's LoRA (--expert NAME)")
         if ad.routed(task) is None:
-            return _merge_at_mean_gate(ad, folder, out, task, strategy, calibration_rows, batch_size)
+            return _merge_at_mean_gate(ad, folder, out, task, strategy, calibration_rows, batch_size,
+                                       serving_dtype(ad, folder, dtype))
         mix = [(e, 1.0) for e in ad.routed(task)]  # a baseline: the task's experts are summed, so exact
         report = {"mode": "task", "task": task, "experts": list(ad.routed(task)), "exact": True}
     report.update({"source": str(ad.source), "base": str(folder), "files": ad.files})
@@ -430,21 +445,21 @@ def merge(ad: Adapters, out: Path, expert: str | None, task: str | None, strateg
 
 
 def _merge_at_mean_gate(ad: Adapters, folder: Path, out: Path, task: str, strategy: Strategy,
-                        calibration_rows: int, batch_size: int) -> dict:
+                        calibration_rows: int, batch_size: int, dtype: torch.dtype) -> dict:
     """merge --task for a gated method: measure the MoE-CL model, free it, stream the merge, then measure
     the merged model as written (reloaded as a user would). One model in memory at a time."""
     tok = load_tokenizer(folder)
     fmt = PromptFormat(tok, ad.config.data)
     data = {t.name: t for t in load_tasks(ad.config.data, ad.config.run.seed)}[task]
     test = fmt.encode(data, "test")
-    means, exact = _gate_means_and_accuracy(ad, folder, fmt, data, test, strategy, calibration_rows, batch_size)
-    report = {"mode": "task", "task": task, "exact": False, "calibration_rows": min(calibration_rows, len(data.train)),
+    means, exact = _gate_means_and_accuracy(ad, folder, fmt, data, test, strategy, calibration_rows, batch_size, dtype)
+    report = {"mode": "task", "task": task, "exact": False, "dtype": str(dtype).removeprefix("torch."), "calibration_rows": min(calibration_rows, len(data.train)),
               "gate_means": means, "test_rows": exact["total"], "accuracy_moe_cl": exact["accuracy"],
               "source": str(ad.source), "base": str(folder), "files": ad.files}
     mix: Mix = [(SHARED, [g[0] for g in means]), (task, [g[1] for g in means])]
     with atomic.staged_dir(out) as tmp:
         write_merged(ad, folder, tmp, mix)
-        merged = evaluate(_plain_as_moecl(load_plain(tmp, strategy.device), ad, strategy.device), test, tok,
+        merged = evaluate(_plain_as_moecl(load_plain(tmp, strategy.device, dtype), ad, strategy.device), test, tok,
                           batch_size, ad.config.eval.max_new_tokens, strategy, option_pairs=ad.config.eval.option_pairs)
         agree = sum(a == b for a, b in zip(exact["predictions"], merged["predictions"])) / max(exact["total"], 1)
         report.update({"accuracy_merged": merged["accuracy"], "agreement": agree})
@@ -453,10 +468,10 @@ def _merge_at_mean_gate(ad: Adapters, folder: Path, out: Path, task: str, strate
 
 
 def _gate_means_and_accuracy(ad: Adapters, folder: Path, fmt: PromptFormat, data: Task, test, strategy: Strategy,
-                             calibration_rows: int, batch_size: int) -> tuple[list[list[float]], dict]:
+                             calibration_rows: int, batch_size: int, dtype: torch.dtype) -> tuple[list[list[float]], dict]:
     """The MoE-CL model's per-layer mean gates and its evaluation on `test`. The model lives only in
     this call, so it is freed before the merged model is loaded."""
-    model, _ = build_model(ad, folder, strategy)
+    model, _ = build_model(ad, folder, strategy, dtype=dtype)
     means = gate_means(model, fmt, data, calibration_rows, batch_size, strategy.device)
     return means, evaluate(model, test, fmt.tok, batch_size, ad.config.eval.max_new_tokens, strategy,
                            option_pairs=ad.config.eval.option_pairs)
@@ -497,7 +512,8 @@ def export_bundle(ad: Adapters, out: Path, tasks: list[str] | None = None, base:
     info = {"format": "moe-cl-bundle", "version": 1, "tasks": described,
             "experts": {k: v for k, v in vars(ad.config.experts).items()},
             "data": {"answer": d.answer, "options": d.options, "max_length": d.max_length, "system_prompt": d.system_prompt},
-            "base_model": {"path": str(folder), "fingerprint": base_fingerprint(folder)},
+            "base_model": {"path": str(folder), "fingerprint": base_fingerprint(folder),
+                           "dtype": str(serving_dtype(ad, folder)).removeprefix("torch.")},
             "source": {"path": str(ad.source), "files": ad.files}}
     router = ad.router()
     with atomic.staged_dir(out) as tmp:
@@ -548,10 +564,11 @@ def read_requests(path: Path, ad: Adapters, routable: bool) -> list[dict]:
 
 
 def predict(bundle: Path, requests: Path, output: Path | None, strategy: Strategy, base: str | None = None,
-            batch_size: int = 16, max_new_tokens: int = 32, fallback: str | None = None) -> list[dict]:
+            batch_size: int = 16, max_new_tokens: int = 32, fallback: str | None = None,
+            dtype: torch.dtype | None = None) -> list[dict]:
     """Serve a bundle on JSONL requests; returns (and writes, as JSONL) each request with its prediction
-    (see `Server.serve`)."""
-    server = Server(bundle, strategy, base)
+    (see `Server.serve`). `dtype`: the base's (default `serving_dtype`)."""
+    server = Server(bundle, strategy, base, dtype)
     rows = read_requests(requests, server.ad, routable=server.router is not None)
     results = server.serve(rows, Path("standard input" if str(requests) == "-" else requests), batch_size,
                            max_new_tokens, fallback)
@@ -563,12 +580,12 @@ def predict(bundle: Path, requests: Path, output: Path | None, strategy: Strateg
 class Server:
     """A bundle loaded for serving: its model (on `strategy.device`), tokenizer and task router."""
 
-    def __init__(self, bundle: Path, strategy: Strategy, base: str | None = None):
+    def __init__(self, bundle: Path, strategy: Strategy, base: str | None = None, dtype: torch.dtype | None = None):
         self.ad = open_adapters(bundle)
         if self.ad.kind != "bundle":
             raise CheckpointError(f"{bundle}: not a bundle (make one with `python -m trainer export`)")
         self.router = self.ad.router()
-        self.model, self.tok = build_model(self.ad, base_folder(self.ad, base), strategy)
+        self.model, self.tok = build_model(self.ad, base_folder(self.ad, base), strategy, dtype=dtype)
         self.fmt = PromptFormat(self.tok, self.ad.config.data)
         self.strategy = strategy
 

@@ -35,6 +35,14 @@ from .slurm import SubmitError
 USER_ERRORS = (ConfigError, DataError, CheckpointError, LockError, DiskFull, SubmitError, FileNotFoundError,
                ModuleNotFoundError)
 ADAPTER_VERBS = ("extract", "merge", "export", "predict", "inspect")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _dtype(name: str | None):
+    """--dtype's torch dtype (None: the tools' default, the dtype the base was trained in)."""
+    import torch
+
+    return getattr(torch, name) if name else None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -92,6 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", required=True, help="folder to write the merged Hugging Face model to")
     sp.add_argument("--base", help="base model folder (default: the one the run used, checked by fingerprint)")
     sp.add_argument("--calibration-rows", type=int, default=64, help="training rows for the mean gate (--task)")
+    sp.add_argument("--dtype", choices=DTYPES, help="the base's dtype for --task's measurements (default: the one "
+                    "it was trained in; the merged weights keep the base's stored dtype)")
     sp = sub.add_parser("export", help="a self-contained serving bundle for some or all tasks")
     sp.add_argument("source", help=src)
     sp.add_argument("--out", required=True, help="folder to write the bundle to")
@@ -108,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--max-new-tokens", type=int, default=32, help="greedy budget of generated answers")
     sp.add_argument("--fallback", choices=("base", "routed"),
                     help="who serves a routed request of low confidence (default: the bundle's router.fallback)")
+    sp.add_argument("--dtype", choices=DTYPES, help="the base's dtype (default: the one it was trained in)")
     sp = sub.add_parser("inspect", help="what a run, stage, checkpoint or bundle holds")
     sp.add_argument("source", help=src)
     sp.add_argument("--json", action="store_true", help="print a JSON object instead of text")
@@ -257,7 +268,8 @@ def adapter_verb(args, strategy) -> int:
         return 0
     if args.verb == "predict":
         rows = adapters.predict(Path(args.bundle), Path(args.input), Path(args.output) if args.output else None,
-                                strategy, args.base, args.batch_size, args.max_new_tokens, args.fallback)
+                                strategy, args.base, args.batch_size, args.max_new_tokens, args.fallback,
+                                _dtype(args.dtype))
         if not args.output:
             for r in rows:
                 print(json.dumps(r))
@@ -269,7 +281,8 @@ def adapter_verb(args, strategy) -> int:
         out = adapters.extract_peft(ad, args.expert, Path(args.out), args.base)
         print(f"PEFT adapter for expert {args.expert!r} written to {out}")
     elif args.verb == "merge":
-        report = adapters.merge(ad, Path(args.out), args.expert, args.task, strategy, args.base, args.calibration_rows)
+        report = adapters.merge(ad, Path(args.out), args.expert, args.task, strategy, args.base, args.calibration_rows,
+                                dtype=_dtype(args.dtype))
         print(json.dumps({k: v for k, v in report.items() if k not in ("files", "gate_means")}, indent=2))
         print(f"merged model written to {args.out}")
     else:

@@ -372,7 +372,7 @@ def save_checkpoint(s: Setup, tr: Training, strategy: Strategy, step: int) -> No
         atomic.write_json(ckpt_dir / tag / CHECKPOINT_INFO, {
             "stage": s.k, "task": s.task, "step": step, "order": s.cfg.data.order,
             "learned": s.cfg.data.order[: s.k], "config": to_dict(s.cfg), "adapter_names": s.model.adapter_names(),
-            "base_model": {"path": str(s.base_folder), "fingerprint": base_fingerprint(s.base_folder)},
+            "base_model": base_record(s),
             "previous": s.previous.manifest["files"][ADAPTERS] if s.previous else None})
         atomic.fsync_dir(ckpt_dir / tag)
         atomic.write_text(latest, tag)  # only now: a kill before this resumes the previous one
@@ -594,7 +594,7 @@ def save_stage(s: Setup, strategy: Strategy, baseline: dict, test_acc: dict, val
             manifest = {
                 "stage": s.k, "task": s.task, "order": s.cfg.data.order, "learned": s.cfg.data.order[: s.k],
                 "config": to_dict(s.cfg),
-                "base_model": {"path": str(s.base_folder), "fingerprint": base_fingerprint(s.base_folder)},
+                "base_model": base_record(s),
                 "steps": train_stats["steps"], "global_step": step0 + train_stats["steps"],
                 "train": train_stats, "seconds": seconds, "world_size": strategy.world_size, "resources": resources,
                 "distributed": strategy.describe(),  # strategy, DeepSpeed config, and with ds_config=auto the plan
@@ -615,6 +615,13 @@ def save_stage(s: Setup, strategy: Strategy, baseline: dict, test_acc: dict, val
         strategy.print(f"stage {s.k} written to {folder}")
     strategy.barrier()
     return run.require_stage(s.k, s.cfg.data.order)
+
+
+def base_record(s: Setup) -> dict:
+    """The base a stage or checkpoint was trained on: its folder, fingerprint and dtype in training
+    (which the adapter tools serve in; a base may be stored in another, as Llama-2-7b-hf is in float16)."""
+    return {"path": str(s.base_folder), "fingerprint": base_fingerprint(s.base_folder),
+            "dtype": str(s.model.base.dtype).removeprefix("torch.")}
 
 
 def footprint(s: Setup, strategy: Strategy) -> dict:
