@@ -220,6 +220,11 @@ def test_killed_two_rank_stage_resumes_to_the_uninterrupted_result(tmp_path, mod
     assert len(state) > 0 and all(t.numel() > 0 for t in state.values())
     assert any(".experts.yelp." in k for k in state) and not any(".experts.agnews." in k for k in state)
     assert len(state) == len([k for k in final_keys if ".experts.agnews." not in k]) + 2 * 2 * 3
+    # The trained adapters are written once (rank 0's model-states file), not once per rank; the resume
+    # below restores rank 1's from its optimizer partition.
+    module = {r: torch.load(latest.parent / tag / f"zero_pp_rank_{r}_mp_rank_00_model_states.pt", map_location="cpu",
+                            weights_only=True)["module"] for r in (0, 1)}
+    assert any(".experts.yelp." in k for k in module[0]) and len(module[1]) == 0
 
     resumed = torchrun(2, "stage", "configs/tiny.yaml", *base, "--stage", "2")
     assert "resuming" in resumed.stdout, resumed.stdout + resumed.stderr[-3000:]

@@ -418,8 +418,24 @@ class DeepSpeedStrategy(Strategy):
     def save_checkpoint(self, folder, tag, client_state):
         # `latest` is written by the caller once every rank has finished: a kill mid-save leaves it on
         # the previous, complete checkpoint.
-        self.engine.save_checkpoint(str(folder), tag=tag, client_state=client_state, exclude_frozen_parameters=True,
-                                    save_latest=False)
+        with self._adapters_written_once():
+            self.engine.save_checkpoint(str(folder), tag=tag, client_state=client_state,
+                                        exclude_frozen_parameters=True, save_latest=False)
+
+    @contextlib.contextmanager
+    def _adapters_written_once(self):
+        """Under ZeRO-3 every rank writes a model-states file (its client state: step, RNG), and each would
+        hold the trained adapters whole: they are persistent, never-partitioned parameters, so 16 ranks
+        would write 16 copies. A load restores them from the optimizer's fp32 partitions anyway
+        (zero_optimization.load_from_fp32_weights, on by default), so ranks other than 0 leave them out."""
+        if self.zero_stage != 3 or self.rank == 0 or not self.ds_config["zero_optimization"].get("load_from_fp32_weights", True):
+            yield
+            return
+        self.engine.module_state_dict = lambda *args, **kwargs: {}
+        try:
+            yield
+        finally:
+            del self.engine.module_state_dict  # the engine's own method again
 
     def load_checkpoint(self, folder):
         if not (folder / "latest").is_file():
