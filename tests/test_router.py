@@ -116,3 +116,20 @@ def test_features_are_the_frozen_bases_whatever_the_experts(tiny_base, smollm2_t
     # hidden_states[1] is layer 0's output; the router adds the final norm and skips the prefix token
     expected = decoder.norm(states[1])[0, 1:].mean(dim=0).double()
     torch.testing.assert_close(after[1], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_the_router_arithmetic_runs_on_its_device():
+    """Fitting, the shared precision and routing run in float64 on the router's device (a GPU rank's, not one
+    host core per rank); the meta device stands in for a GPU. Statistics loaded from a file (on the host)
+    join those computed there, and the file is written from the host."""
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(40, 6, generator=g), torch.randn(30, 6, generator=g) + 2
+    on_host = Router(layer=1).with_task("a", a)
+    moved = Router(1, on_host.tasks, on_host.count, on_host.mean, on_host.var, on_host.scores, on_host.scatter,
+                   on_host.pooled, device=torch.device("meta")).with_task("b", b)
+    assert {t.device.type for t in (moved.scatter, moved.mean["b"], moved.var["b"], moved.scores["b"], moved.precision())} \
+        == {"meta"}
+    # the same arithmetic on the host gives what routing on the host gave before
+    both = on_host.with_task("b", b)
+    routes = both.route(torch.cat([a[:3], b[:3]]))
+    assert routes.tasks == ["a"] * 3 + ["b"] * 3 and routes.confidence.device.type == "cpu"

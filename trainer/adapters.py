@@ -19,7 +19,7 @@ import contextlib
 import json
 import shutil
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -585,6 +585,8 @@ class Server:
         if self.ad.kind != "bundle":
             raise CheckpointError(f"{bundle}: not a bundle (make one with `python -m trainer export`)")
         self.router = self.ad.router()
+        if self.router is not None:  # its arithmetic on the serving device
+            self.router = replace(self.router, device=strategy.device)
         self.model, self.tok = build_model(self.ad, base_folder(self.ad, base), strategy, dtype=dtype)
         self.fmt = PromptFormat(self.tok, self.ad.config.data)
         self.strategy = strategy

@@ -199,6 +199,7 @@ def evaluate_stage(cfg: Config, k: int | None, split: str, strategy: Strategy) -
     if inferred and router is None:
         raise CheckpointError(f"{record.folder}: no task router (written before routers); run the stage again "
                               "to evaluate it with inferred task ids")
+    router = router and replace(router, device=strategy.device)  # its arithmetic on this rank's device
     model, tokenizer, folder, _ = load_model(cfg, record, strategy)
     strategy.setup(model, None, None, cfg)  # inference only (under ZeRO-3 this installs the gather hooks)
     fmt = PromptFormat(tokenizer, cfg.data)
@@ -475,7 +476,8 @@ def fit_router(s: Setup, strategy: Strategy) -> tuple[Router, float]:
     the previous router lacks: a run begun before routers existed). Returns (router, seconds)."""
     cfg, t0 = s.cfg, time.time()
     layers = router_layers(cfg, s.model, strategy)
-    router = replace(s.router or Router(layers), shrinkage=cfg.router.shrinkage, min_confidence=cfg.router.min_confidence)
+    router = replace(s.router or Router(layers), shrinkage=cfg.router.shrinkage, min_confidence=cfg.router.min_confidence,
+                     device=strategy.device)
     for t in cfg.data.order[: s.k]:
         if t not in router.tasks:
             rows = s.tasks[t].router_rows(cfg.router.max_rows, cfg.run.seed)

@@ -97,13 +97,16 @@ class Router:
     pooled: dict[str, int] = field(default_factory=dict)  # the tasks in `scatter` and their row counts
     shrinkage: float = 0.1
     min_confidence: float = 0.001
+    # Where the float64 arithmetic runs (fitting, the shared precision, routing): the trainer's device, so
+    # a GPU rank does it there rather than on one host core; statistics stay where they were computed.
+    device: torch.device = field(default=torch.device("cpu"), compare=False)
     _precision: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)  # computed once
 
     def with_task(self, name: str, feats: torch.Tensor) -> "Router":
         """A router that also knows `name`, from its rows' features (n, d); this one is left as it is."""
         if name in self.tasks:
             raise ValueError(f"the router already has task {name!r}")
-        x = feats.double()
+        x = feats.to(self.device, torch.float64)
         n = x.shape[0]
         if n < 2:
             raise ValueError(f"task {name!r}: the router needs at least 2 rows, got {n}")
@@ -114,8 +117,8 @@ class Router:
         own = _own_score(x, mu, _floored(var))
         return Router(self.layer, self.tasks + [name], {**self.count, name: n}, {**self.mean, name: mu},
                       {**self.var, name: var}, {**self.scores, name: own.sort().values},
-                      scatter if self.scatter is None else self.scatter + scatter, {**self.pooled, name: n},
-                      self.shrinkage, self.min_confidence)
+                      scatter if self.scatter is None else self.scatter.to(self.device) + scatter,
+                      {**self.pooled, name: n}, self.shrinkage, self.min_confidence, self.device)
 
     def subset(self, tasks: list[str]) -> "Router":
         """The statistics of `tasks` only; the shared covariance stays the one of every task (a metric)."""
@@ -124,7 +127,7 @@ class Router:
             raise KeyError(f"the router has no task {missing}; it knows {self.tasks}")
         pick = lambda d: {t: d[t] for t in tasks}  # noqa: E731
         return Router(self.layer, list(tasks), pick(self.count), pick(self.mean), pick(self.var), pick(self.scores),
-                      self.scatter, dict(self.pooled), self.shrinkage, self.min_confidence)
+                      self.scatter, dict(self.pooled), self.shrinkage, self.min_confidence, self.device)
 
     def precision(self) -> torch.Tensor:
         """Sigma_s^-1 (d, d), float64 (computed on first use: a router is not changed in place)."""
@@ -134,42 +137,43 @@ class Router:
 
     def _shrunk_inverse(self) -> torch.Tensor:
         n, t = sum(self.pooled.values()), len(self.pooled)
-        sigma = self.scatter / max(n - t, 1)
+        sigma = self.scatter.to(self.device) / max(n - t, 1)
         d = sigma.shape[0]
         s = self.shrinkage
-        shrunk = (1 - s) * sigma + s * (sigma.diagonal().mean().clamp_min(1e-12)) * torch.eye(d, dtype=sigma.dtype)
+        eye = torch.eye(d, dtype=sigma.dtype, device=sigma.device)
+        shrunk = (1 - s) * sigma + s * (sigma.diagonal().mean().clamp_min(1e-12)) * eye
         return torch.cholesky_inverse(torch.linalg.cholesky(shrunk))
 
     def route(self, feats: torch.Tensor) -> "Routes":
         """The task of every row of `feats` (n, d), with its distances and confidence."""
         if not self.tasks:
             raise ValueError("the router knows no task yet")
-        x = feats.double()
-        mus = torch.stack([self.mean[t] for t in self.tasks])  # (T, d)
+        x = feats.to(self.device, torch.float64)
+        mus = torch.stack([self.mean[t].to(self.device) for t in self.tasks])  # (T, d)
         p = self.precision()
         xp = x @ p
         # (x - mu)^T P (x - mu) = x P x - 2 x P mu + mu P mu
         dist = (xp * x).sum(-1, keepdim=True) - 2 * xp @ mus.T + ((mus @ p) * mus).sum(-1)
         best = dist.argmin(dim=-1)
-        confidence = torch.empty(len(x), dtype=torch.float64)
+        confidence = torch.empty(len(x), dtype=torch.float64, device=x.device)
         for i, t in enumerate(self.tasks):
             rows = best == i
             if rows.any():
-                own = _own_score(x[rows], self.mean[t], _floored(self.var[t]))
-                train = self.scores[t]
+                own = _own_score(x[rows], self.mean[t].to(x.device), _floored(self.var[t].to(x.device)))
+                train = self.scores[t].to(x.device)
                 beyond = len(train) - torch.searchsorted(train, own, right=False)  # training rows scoring >= own
                 confidence[rows] = beyond.double() / len(train)
-        return Routes([self.tasks[i] for i in best.tolist()], confidence, dist)
+        return Routes([self.tasks[i] for i in best.tolist()], confidence.cpu(), dist.cpu())
 
     # -- files ----------------------------------------------------------------------------------------
 
     def save(self, path: Path) -> str:
         """Write to `path` (safetensors); returns its sha256."""
-        tensors = {"pooled.scatter": self.scatter.contiguous()}
+        tensors = {"pooled.scatter": self.scatter.cpu().contiguous()}
         for t in self.tasks:
-            tensors[f"tasks.{t}.mean"] = self.mean[t]
-            tensors[f"tasks.{t}.var"] = self.var[t]
-            tensors[f"tasks.{t}.scores"] = self.scores[t]
+            tensors[f"tasks.{t}.mean"] = self.mean[t].cpu()
+            tensors[f"tasks.{t}.var"] = self.var[t].cpu()
+            tensors[f"tasks.{t}.scores"] = self.scores[t].cpu()
         meta = {"layer": self.layer, "tasks": self.tasks, "count": self.count, "pooled": self.pooled,
                 "shrinkage": self.shrinkage, "min_confidence": self.min_confidence}
         return save_adapters(path, tensors, {"format": FORMAT, "router": json.dumps(meta)})
