@@ -124,3 +124,20 @@ def test_check_reports_a_missing_deepspeed_config(tiny_llama_dir):
     cfg = load_config(TINY, [f"model.path={tiny_llama_dir}", "distributed.ds_config=ds_configs/zero9.json"])
     with pytest.raises(ConfigError, match="distributed.ds_config: ds_configs/zero9.json not found"):
         check(cfg)
+
+
+def test_a_stage_recorded_with_an_absolute_model_path_continues_with_a_relative_one(tmp_path, monkeypatch):
+    """`submit` records model.path absolute; a later local stage naming the same folder relatively (or with ~)
+    continues the run, and another folder is still refused."""
+    from trainer.checkpoint import CheckpointError, StageRecord
+    from trainer.config import to_dict
+    from trainer.recipe import _check_compatible
+
+    (tmp_path / "models" / "base").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(REPO / "configs" / "tiny.yaml", [f"model.path={tmp_path / 'models' / 'base'}"])
+    stage1 = StageRecord(1, "agnews", tmp_path / "stages" / "1-agnews", {"config": to_dict(cfg)})
+    _check_compatible(stage1, load_config(REPO / "configs" / "tiny.yaml", ["model.path=models/base"]))
+    _check_compatible(stage1, load_config(REPO / "configs" / "tiny.yaml", ["model.path=./models/../models/base"]))
+    with pytest.raises(CheckpointError, match="model.path"):
+        _check_compatible(stage1, load_config(REPO / "configs" / "tiny.yaml", ["model.path=models/other"]))

@@ -27,7 +27,7 @@ What the tables say:
 `--jobs N` runs N single-process runs side by side on a CPU machine, each with cores/N threads (or the
 OMP_NUM_THREADS you set). Whether that pays depends on the machine: on this project's 2 cores a short
 probe (not kept) of training steps gained 1.25x, but the benchmark's real runs only 1.09-1.13x (their
-evaluation slowed more than twofold; README: Results). A run records how it ran (`jobs`, `threads`),
+evaluation slowed more than twofold; docs/benchmarks/cl-benchmark.md). A run records how it ran (`jobs`, `threads`),
 and the s/step column takes runs that ran alone where a method has any.
 
 Orders are the MTL5 orders of O-LoRA / MoE-CL; `--orders config` uses the config's own data.order.

@@ -29,6 +29,13 @@ def resolve_model_path(cfg: ModelConfig) -> Path:
     return folder
 
 
+def same_model(a: str, b: str) -> bool:
+    """Whether two model.path values name the same model: `builtin:` names as written, folders as absolute
+    paths (`submit` records them absolute, a local run may give them relative)."""
+    canonical = lambda p: p if p.startswith("builtin:") else str(Path(p).expanduser().resolve())  # noqa: E731
+    return canonical(a) == canonical(b)
+
+
 def load_tokenizer(folder: Path, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
     if tok.pad_token_id is None:

@@ -339,8 +339,8 @@ class DeepSpeedStrategy(Strategy):
             return self.engine
         if "offload_optimizer" in self.ds_config["zero_optimization"]:
             # The fp32 masters and Adam state live in CPU memory: torch's fused CPU AdamW steps them. DeepSpeed's
-            # CPU Adam is about as fast on adapters (19 vs 25 ms per step for 24M parameters, the trained part
-            # of a 7B MoE-CL stage, on this CPU) but is compiled on first use: minutes, and a compiler on every node.
+            # CPU Adam is about as fast on adapters (docs/benchmarks/step-cost.md) but is compiled on first use:
+            # minutes, and a compiler on every node.
             groups = [{"params": g["params"], "lr": g["initial_lr"], "weight_decay": g["weight_decay"]}
                       for g in optimizer.param_groups]
             optimizer = torch.optim.AdamW(groups, fused=True)

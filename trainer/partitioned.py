@@ -55,7 +55,7 @@ def build_partitioned(folder: Path, hf_config, dtype: torch.dtype, ds_config: di
     # zero.Init takes the partitions' dtype from ds_config's bf16 / fp16 flags (filled in from model.dtype),
     # not from its dtype argument: DeepSpeed 0.19.8 drops that argument on an accelerator without float16
     # (`dtype or float16 if fp16 else bfloat16` parses as `(dtype or float16) if fp16 else bfloat16`), so on
-    # such CPUs (AMD EPYC here) a float32 base was built in bfloat16.
+    # such CPUs a float32 base was built in bfloat16.
     with no_init_weights(), prevent_arange_dtype_change(), deepspeed.zero.Init(config_dict_or_path=ds_config):
         model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype, trust_remote_code=trust_remote_code)
     wrong = {str(p.dtype) for p in model.parameters() if p.is_floating_point() and p.dtype != dtype}

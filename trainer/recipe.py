@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from . import atomic, checkpoint, runlock
-from .base import base_fingerprint, load_base
+from .base import base_fingerprint, load_base, same_model
 from .checkpoint import ADAPTERS, CHECKPOINT_INFO, MANIFEST, CheckpointError, RunDir, StageRecord
 from .config import Config, ConfigError, dump_yaml, to_dict
 from .data import DataError, Encoded, PromptFormat, Task, collate, load_tasks, step_batches, steps_per_epoch
@@ -387,6 +387,8 @@ def _resume(strategy: Strategy, ckpt_dir: Path, settings: dict, total: int) -> i
     if client is None:
         return 0
     saved = client.get("settings") or {}
+    if "model" in saved and same_model(saved["model"]["path"], settings["model"]["path"]):
+        saved["model"]["path"] = settings["model"]["path"]  # the same folder, written relative or absolute
     if saved != settings:
         raise CheckpointError(f"{ckpt_dir}: the mid-stage checkpoint was written with other training settings "
                               f"({', '.join(_differences(saved, settings))} differ); use the same ones, or delete the folder (or set "
@@ -778,7 +780,7 @@ def _check_compatible(previous: StageRecord, cfg: Config) -> None:
     layer = before.get("router", {}).get("layer")
     if layer is not None and layer != cfg.router.layer:
         diffs.append(f"router.layer: {layer!r} -> {cfg.router.layer!r}")
-    if before["model"]["path"] != cfg.model.path:
+    if not same_model(before["model"]["path"], cfg.model.path):
         diffs.append(f"model.path: {before['model']['path']!r} -> {cfg.model.path!r}")
     if diffs:
         raise CheckpointError(f"{previous.folder / MANIFEST}: stage {previous.index} ran with another model/experts "
