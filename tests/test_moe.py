@@ -608,3 +608,15 @@ def test_olora_earlier_a_matrices_follow_a_to_its_device():
     lora(torch.empty(3, 8, device="meta"))
     assert lora.orthogonal_to.device.type == "meta" and lora.penalty.device.type == "meta"
     assert "orthogonal_to" not in lora.state_dict()  # still a non-persistent buffer
+
+
+def test_bfloat16_on_a_cpu_without_native_bf16_is_warned_about(tiny_llama_dir, capsys):
+    """Without AVX512-BF16 or AMX, a CPU's bf16 matmuls take a slow fallback path: asking for bfloat16 there
+    says so (model.dtype=auto picks float32 on such a CPU); with native bf16 nothing is said."""
+    from trainer.base import load_base
+    from trainer.config import ModelConfig
+    from trainer.distributed import cpu_has_bf16
+
+    base, _, _ = load_base(ModelConfig(path=str(tiny_llama_dir), dtype="bfloat16"))
+    assert base.dtype == torch.bfloat16
+    assert ("warning: model.dtype=bfloat16 on a CPU without native bf16" in capsys.readouterr().out) == (not cpu_has_bf16())

@@ -10,11 +10,12 @@ import hashlib
 import json
 from pathlib import Path
 
+import torch
 from transformers import AutoConfig, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from . import builtin
 from .config import ConfigError, ModelConfig
-from .distributed import Strategy, resolve_dtype
+from .distributed import Strategy, cpu_has_bf16, resolve_dtype
 from .model import SUPPORTED_MODEL_TYPES
 
 
@@ -53,7 +54,12 @@ def load_base(cfg: ModelConfig, strategy: Strategy | None = None
     if hf_config.model_type not in SUPPORTED_MODEL_TYPES:
         raise ConfigError(f"model.path: {folder} is a {hf_config.model_type!r} model; MoE-CL wraps gated MLPs "
                          f"and supports {', '.join(SUPPORTED_MODEL_TYPES)}")
-    model = (strategy or Strategy()).load_base_model(folder, hf_config, resolve_dtype(cfg), cfg.trust_remote_code)
+    dtype, strategy = resolve_dtype(cfg), strategy or Strategy()
+    if dtype == torch.bfloat16 and strategy.device.type == "cpu" and not cpu_has_bf16():
+        strategy.print("warning: model.dtype=bfloat16 on a CPU without native bf16 matmuls (no AVX512-BF16 or AMX): "
+                       "its matmuls fall back to a slow path, many times slower than float32; model.dtype=auto "
+                       "picks float32 here")
+    model = strategy.load_base_model(folder, hf_config, dtype, cfg.trust_remote_code)
     model.requires_grad_(False)
     return model, load_tokenizer(folder, cfg.trust_remote_code), folder
 
