@@ -72,6 +72,57 @@ def test_two_stage_sequence_writes_stages_metrics_and_tensorboard(llama_run):
         assert tag in tags, tag
 
 
+def test_stage_json_records_performance_and_the_time_split(llama_run, model_cache):
+    """stage.json's "performance": tokens/s, the FLOPs per token from the exact parameter counts (worked out
+    here from the tiny model's config.json), peak RSS per rank, no MFU on a CPU (and why), the time split."""
+    run, proc = llama_run
+    hf = json.loads((model_cache / "tiny-llama" / "config.json").read_text())
+    h, i, layers = hf["hidden_size"], hf["intermediate_size"], hf["num_hidden_layers"]
+    kv = h // hf["num_attention_heads"] * hf["num_key_value_heads"]
+    base = layers * (2 * h * h + 2 * h * kv + 3 * h * i)  # q, o; k, v (grouped); gate, up, down
+    for k, task in ((1, "agnews"), (2, "yelp")):
+        m = json.loads((run / "stages" / f"{k}-{task}" / "stage.json").read_text())
+        perf, r = m["performance"], m["config"]["experts"]["rank"]
+        adapters = layers * (2 * 3 * r * (h + i) + 2 * h)  # shared + task expert, the shared gate: all trained
+        assert perf["params_per_token"] == {"base": base, "adapters_trained": adapters, "adapters_frozen": 0}
+        assert perf["flops_per_token"]["total"] == 4 * base + 6 * adapters
+        assert perf["tokens"] > 0 and perf["tokens_per_s"] > 0
+        assert perf["tokens_per_s"] == pytest.approx(perf["tokens"] / sum(m["train"]["step_seconds"]), rel=0.01)
+        assert perf["achieved_flops_per_s"] == pytest.approx(perf["tokens_per_s"] * perf["flops_per_token"]["total"],
+                                                             rel=1e-3)
+        assert perf["mfu"] is None and "MOE_CL_PEAK_TFLOPS" in perf["mfu_reason"]
+        rss = perf["peak_memory"]["stage"]["rss"]
+        assert len(rss) == 1 and 100e6 < rss[0] < 8e9
+        assert rss[0] == max(perf["peak_memory"][p]["rss"][0] for p in ("setup_and_baseline", "training", "evaluation"))
+        split = perf["time"]
+        assert 0 < split["evaluation_share"] < 1 and sum(split["share"].values()) <= 1.001
+        assert split["seconds"]["training"] == pytest.approx(m["train"]["seconds"], abs=1e-3)
+        assert (split["seconds"]["baseline_evaluation"] > 0) == (k == 1)  # stage 2 reads stage 1's baseline
+        assert [s for s, _ in m["train"]["logged_task_loss"]] == [4 * (k - 1) + s for s in (1, 2, 3, 4)]
+        assert f"stage {k} took " in proc.stdout and f"evaluation's share {100 * split['evaluation_share']:.0f}%" \
+            in proc.stdout
+
+
+def test_tensorboard_evaluation_at_the_global_step(llama_run):
+    """Evaluation scalars at the global optimizer step (stage 1 ends at 4, stage 2 at 8; the untrained model at
+    0), the validation accuracy beside them, the stage's performance figures at its last step."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run, _ = llama_run
+    steps: dict[str, list[int]] = {}
+    for e in sorted((run / "tb").glob("events.out.tfevents.*")):
+        acc = EventAccumulator(str(e))
+        acc.Reload()
+        for tag in acc.Tags()["scalars"]:
+            steps.setdefault(tag, []).extend(ev.step for ev in acc.Scalars(tag))
+    assert sorted(steps["eval/accuracy/agnews"]) == sorted(steps["eval/accuracy/yelp"]) == [0, 4, 8]
+    assert sorted(steps["eval/val_accuracy"]) == [4, 8]
+    for tag in ("perf/tokens_per_s", "perf/flops_per_token", "perf/achieved_tflops_per_s", "perf/peak_memory_rss_gib",
+                "time/evaluation_share", "time/stage_seconds", "time/training_seconds"):
+        assert sorted(steps[tag]) == [4, 8], tag
+    assert "perf/mfu" not in steps  # no peak FLOP/s on a CPU
+
+
 def test_old_experts_are_bit_identical_and_key_sets_exact(llama_run):
     run, _ = llama_run
     one = load_file(run / "stages" / "1-agnews" / "adapters.safetensors")

@@ -36,6 +36,8 @@ from .evaluate import evaluate
 from .metrics import cl_metrics, format_table, heatmap
 from .model import NOISE, MoECLModel, answer_positions, checkpoint_layers
 from .monitor import Monitor, Progress
+from .perf import (PeakMemory, format_performance, format_time_split, memory_per_rank, peak_override,
+                   stage_performance, tensorboard_scalars, time_split, token_params)
 from .memory import MEMORY, Memory
 from .router import ROUTER, Router, gather_features, request_ids, request_text
 
@@ -87,12 +89,15 @@ def run_stage(cfg: Config, k: int, strategy: Strategy) -> tuple[StageRecord, dic
                        "nothing to do (delete that folder to train the stage again)")
         return run.require_stage(k, order), None
     cfg.train.accumulation(strategy.world_size)  # a global batch the ranks cannot split fails before any loading
+    peak_tflops = peak_override()  # a malformed MOE_CL_PEAK_TFLOPS fails before any loading too
+    t_stage, phases, peaks = time.time(), {}, PeakMemory(strategy.device)  # the stage's time split and peak memory
     s = setup_stage(cfg, k, strategy)
     tr = prepare_training(s, strategy)
     if strategy.is_main():
         atomic.write_text(run.root / "config.yaml", dump_yaml(cfg))
     monitor = Monitor(run.root / "tb", strategy.is_main())
     t0 = time.time()
+    phases["setup"] = t0 - t_stage
     # Stage 1's new expert is still a no-op here (B = 0): this is the untrained model.
     try:
         if s.previous:
@@ -103,10 +108,15 @@ def run_stage(cfg: Config, k: int, strategy: Strategy) -> tuple[StageRecord, dic
     except StopRequested:
         raise Interrupted(f"stage {k} ({s.task}) stopped on {strategy.stop_reason()} before training; "
                           "nothing is lost; run the stage again") from None
+    phases["baseline_evaluation"] = time.time() - t0
+    peaks.mark("setup_and_baseline")
     step0 = s.previous.manifest["global_step"] if s.previous else 0
     train_stats = train_stage(s, tr, strategy, monitor, step0)
+    phases["training"] = train_stats["seconds"]
+    peaks.mark("training")
     try:  # a stop asked for now keeps the trained experts in a checkpoint at the last step
         router, router_seconds = fit_router(s, strategy)
+        phases["router"] = router_seconds
         inferred = cfg.eval.task_id == "inferred"
         t_eval = time.time()
         # ACC and BWT read this stage's own task and, after the last stage, every task: those on all test rows
@@ -125,15 +135,29 @@ def run_stage(cfg: Config, k: int, strategy: Strategy) -> tuple[StageRecord, dic
         raise Interrupted(f"stage {k} ({s.task}) stopped on {strategy.stop_reason()} while evaluating, after its "
                           f"{tr.total} training steps; checkpoint in {tr.ckpt_dir}; run the stage again to "
                           "evaluate and save it") from None
+    phases["evaluation"] = time.time() - t_eval
+    peaks.mark("evaluation")
+    performance = stage_performance(  # collectives (every rank's peak memory): on every rank
+        token_params(s.model, s.task, lambda p: strategy.local_numel(p)[1]), cfg.train.activation_checkpointing,
+        train_stats["tokens"], sum(train_stats["step_seconds"]), strategy.world_size, strategy.device,
+        s.model.base.dtype, memory_per_rank(peaks, strategy.per_rank), peak_tflops)
     strategy.print(f"saving stage {k} ({s.task})")
     record = save_stage(s, strategy, baseline, test_acc, val, train_stats, step0, time.time() - t0,
                         router, router_seconds, {**(routed or {}), "test_rows": test_rows, "baseline_rows": baseline_rows},
-                        tr.train_set.rows)
-    for t, acc in test_acc.items():
-        monitor.scalars(k, {f"eval/accuracy/{t}": acc})
+                        tr.train_set.rows, performance, t_stage, phases)
+    performance, step = record.manifest["performance"], record.manifest["global_step"]
+    strategy.print(format_time_split(k, performance["time"]))
+    strategy.print(format_performance(k, performance))
+    # Evaluation at the global optimizer step, so that stage boundaries show on the training scalars' axis;
+    # the untrained model at step 0.
+    if s.previous is None:
+        monitor.scalars(0, {f"eval/accuracy/{t}": acc for t, acc in baseline.items()})
+    monitor.scalars(step, {f"eval/accuracy/{t}": acc for t, acc in test_acc.items()})
+    monitor.scalars(step, {"eval/val_accuracy": val})
     if routed is not None:
-        monitor.scalars(k, {f"eval/inferred_accuracy/{t}": a for t, a in routed["inferred_accuracy"].items()})
-        monitor.scalars(k, {f"routing/accuracy/{t}": a for t, a in routed["routing_accuracy"].items()})
+        monitor.scalars(step, {f"eval/inferred_accuracy/{t}": a for t, a in routed["inferred_accuracy"].items()})
+        monitor.scalars(step, {f"routing/accuracy/{t}": a for t, a in routed["routing_accuracy"].items()})
+    monitor.scalars(step, tensorboard_scalars(performance, performance["time"]))
     with atomic.full_disk_explained(run.root / "metrics.json", f"stage {k} is complete and intact",
                                     todo=f"Free some space and run `python -m trainer report {run.root}`"):
         metrics = report(run.root, order, strategy, monitor)
@@ -292,6 +316,7 @@ def train_stage(s: Setup, tr: Training, strategy: Strategy, monitor: Monitor, st
     disc_classes = ([s.task] + (cfg.data.order[: s.k - 1] if s.memory is not None else [])
                     + ([NOISE] if cfg.experts.discriminator_extra == "noise" else [])) if len(s.model.discriminators) else []
     first_loss = last_loss = None
+    tokens_trained, loss_curve = 0.0, []  # over all ranks; [global step, task loss] of every logging window
     t_start = t_window = time.time()
     progress = Progress(start, total, f"stage {s.k} ({s.task})", strategy.is_main())
     step_seconds = []
@@ -321,12 +346,15 @@ def train_stage(s: Setup, tr: Training, strategy: Strategy, monitor: Monitor, st
         if (step + 1) % tc.log_every == 0 or step + 1 == total:
             means = _window_means(window, strategy, disc_classes)
             now = time.time()
-            means["tokens_per_s"] = means.pop("tokens") / max(now - t_window, 1e-9)
+            tokens = means.pop("tokens")
+            tokens_trained += tokens
+            means["tokens_per_s"] = tokens / max(now - t_window, 1e-9)
             for c in [k.removeprefix("disc_steps/") for k in list(means) if k.startswith("disc_steps/")]:
                 n = means.pop(f"disc_steps/{c}")
                 disc[c] = (disc.get(c, (0.0, 0.0))[0] + n * means[f"disc_acc/{c}"], disc.get(c, (0.0, 0.0))[1] + n)
             last_loss = means["task_loss"]
             first_loss = last_loss if first_loss is None else first_loss
+            loss_curve.append([step0 + step + 1, round(last_loss, 6)])
             monitor.scalars(step0 + step + 1, {f"train/{k}": v for k, v in means.items() if not k.startswith("gate")})
             monitor.scalars(step0 + step + 1, {f"gate_shared/layer_{k.split('_')[-1]}": v
                                                for k, v in means.items() if k.startswith("gate")})
@@ -345,7 +373,8 @@ def train_stage(s: Setup, tr: Training, strategy: Strategy, monitor: Monitor, st
             "below_min_steps": total < tc.min_steps, "resumed_at": start, "seconds": time.time() - t_start, "rows": len(train_set.rows),
             "first_logged_task_loss": first_loss, "last_logged_task_loss": last_loss,
             "discriminator_accuracy": {c: round(a / n, 4) for c, (a, n) in disc.items()} or None,
-            "trainable_parameters": tr.n_trainable, "step_seconds": [round(t, 3) for t in step_seconds]}
+            "trainable_parameters": tr.n_trainable, "step_seconds": [round(t, 3) for t in step_seconds],
+            "tokens": int(tokens_trained), "logged_task_loss": loss_curve}
 
 
 def save_checkpoint(s: Setup, tr: Training, strategy: Strategy, step: int) -> None:
@@ -572,8 +601,11 @@ def answer_text(task: Task, row: dict) -> str:
 
 def save_stage(s: Setup, strategy: Strategy, baseline: dict, test_acc: dict, val: float | None,
                train_stats: dict, step0: int, seconds: float, router: Router, router_seconds: float,
-               routed: dict | None, train_rows) -> StageRecord:
-    """Write the stage folder (adapters + manifest + config) atomically; every rank returns its record."""
+               routed: dict | None, train_rows, performance: dict | None = None, t_stage: float | None = None,
+               phases: dict[str, float] | None = None) -> StageRecord:
+    """Write the stage folder (adapters + manifest + config) atomically; every rank returns its record.
+    `performance` (trainer/perf.py) gets the stage's time split from `t_stage` (its start) and `phases`
+    (seconds by phase, to which saving is added)."""
     run = RunDir(s.cfg.run.dir)
     named = s.model.adapter_parameters()
     trainable = {k: p for k, p in named.items() if p.requires_grad}
@@ -601,6 +633,8 @@ def save_stage(s: Setup, strategy: Strategy, baseline: dict, test_acc: dict, val
                 "base_model": base_record(s),
                 "steps": train_stats["steps"], "global_step": step0 + train_stats["steps"],
                 "train": train_stats, "seconds": seconds, "world_size": strategy.world_size, "resources": resources,
+                "performance": performance and {**performance, "time": time_split(
+                    {**phases, "save": resources["save_seconds"]}, time.time() - t_stage)},
                 "distributed": strategy.describe(),  # strategy, DeepSpeed config, and with ds_config=auto the plan
                 "eval": {"test_accuracy": test_acc, "val_accuracy": val, "task_id": s.cfg.eval.task_id,
                          **(routed or {})},
