@@ -72,7 +72,7 @@ def run_cli(*args: str, cwd: Path = REPO, check: bool = True, timeout: int = 600
 # The longest files first (measured in CI, minutes): with `make test`'s two workers, each taking a whole file
 # at a time in this order (--dist loadfile --no-loadscope-reorder), both finish at about the same time.
 LONGEST_FIRST = ("test_distributed.py", "test_slurm.py", "test_adapters.py", "test_rank_failure.py",
-                 "test_recipe.py", "test_stopping.py", "test_benchmarks.py", "test_rehearse.py", "test_runlock.py",
+                 "test_recipe.py", "test_stopping.py", "test_benchmarks.py", "test_rehearse.py", "test_gpu_check.py", "test_runlock.py",
                  "test_full_disk.py")
 
 

@@ -117,6 +117,7 @@ def test_tensorboard_evaluation_at_the_global_step(llama_run):
             steps.setdefault(tag, []).extend(ev.step for ev in acc.Scalars(tag))
     assert sorted(steps["eval/accuracy/agnews"]) == sorted(steps["eval/accuracy/yelp"]) == [0, 4, 8]
     assert sorted(steps["eval/val_accuracy"]) == [4, 8]
+    assert sorted(steps["cl/ACC"]) == [4, 8] and steps["cl/BWT"] == [8]  # BWT has terms from stage 2 on
     for tag in ("perf/tokens_per_s", "perf/flops_per_token", "perf/achieved_tflops_per_s", "perf/peak_memory_rss_gib",
                 "time/evaluation_share", "time/stage_seconds", "time/training_seconds"):
         assert sorted(steps[tag]) == [4, 8], tag

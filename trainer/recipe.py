@@ -706,11 +706,12 @@ def report(run_root: Path, order: list[str] | None, strategy: Strategy, monitor:
     if strategy.is_main() and write:
         atomic.write_json(run.root / "metrics.json", metrics)
         fig = heatmap(order, accuracy, baseline, run.root / "accuracy.png")
-        if monitor is not None:
-            monitor.scalars(len(stages), {"cl/ACC": summary["ACC"], "cl/BWT": summary["BWT"], "cl/FWT": summary["FWT"]})
-            monitor.figure("cl/accuracy_matrix", fig, len(stages))
+        if monitor is not None:  # at the last complete stage's global optimizer step, as every evaluation scalar
+            step = stages[-1].manifest["global_step"]
+            monitor.scalars(step, {"cl/ACC": summary["ACC"], "cl/BWT": summary["BWT"], "cl/FWT": summary["FWT"]})
+            monitor.figure("cl/accuracy_matrix", fig, step)
             if "inferred" in metrics:
-                monitor.scalars(len(stages), {f"cl_inferred/{k}": metrics["inferred"][k] for k in ("ACC", "BWT", "FWT")})
+                monitor.scalars(step, {f"cl_inferred/{k}": metrics["inferred"][k] for k in ("ACC", "BWT", "FWT")})
     strategy.print(format_table(order, accuracy, baseline, summary))
     if "inferred" in metrics:
         strategy.print("task id inferred by the router:\n" + format_table(order, metrics["inferred"]["accuracy"], baseline,
