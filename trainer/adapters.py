@@ -27,7 +27,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from . import atomic
-from .base import base_fingerprint, load_tokenizer, resolve_model_path
+from .base import base_fingerprint, load_tokenizer
+from .builtin import resolve_model_path
 from .checkpoint import (ADAPTERS, CHECKPOINT_INFO, MANIFEST, CheckpointError, RunDir, check_fits, read_adapters,
                          sha256_file)
 from .config import Config, ModelConfig, from_dict

@@ -13,21 +13,10 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from . import builtin
+from .builtin import resolve_model_path
 from .config import ConfigError, ModelConfig
 from .distributed import Strategy, cpu_has_bf16, resolve_dtype
 from .model import SUPPORTED_MODEL_TYPES
-
-
-def resolve_model_path(cfg: ModelConfig) -> Path:
-    """The local folder for `model.path`, materialising a builtin model on first use."""
-    if cfg.path.startswith("builtin:"):
-        return builtin.materialize(cfg.path.removeprefix("builtin:"), Path(cfg.cache_dir).expanduser())
-    folder = Path(cfg.path).expanduser()
-    if not (folder / "config.json").is_file():
-        raise FileNotFoundError(f"model.path: {folder} has no config.json; point it at a local Hugging Face "
-                                f"model folder (no hub downloads), or use one of builtin:{', builtin:'.join(builtin.NAMES)}")
-    return folder
 
 
 def same_model(a: str, b: str) -> bool:

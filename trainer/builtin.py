@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from . import atomic
-from .config import ConfigError
+from .config import ConfigError, ModelConfig
 
 NAMES = ("tiny-llama", "tiny-qwen2", "smollm2-135m-instruct")
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -120,3 +120,14 @@ def _smollm2_from_gguf():
     model = LlamaForCausalLM(config)
     model.load_state_dict(gguf_model.state_dict(), strict=True)
     return model
+
+
+def resolve_model_path(cfg: ModelConfig) -> Path:
+    """The local folder for `model.path`, materialising a builtin model on first use."""
+    if cfg.path.startswith("builtin:"):
+        return materialize(cfg.path.removeprefix("builtin:"), Path(cfg.cache_dir).expanduser())
+    folder = Path(cfg.path).expanduser()
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"model.path: {folder} has no config.json; point it at a local Hugging Face "
+                                f"model folder (no hub downloads), or use one of builtin:{', builtin:'.join(NAMES)}")
+    return folder

@@ -236,7 +236,7 @@ def plan_verb(args, cfg) -> int:
     else:
         from transformers import AutoConfig
 
-        from .base import resolve_model_path
+        from .builtin import resolve_model_path
 
         try:
             folder = resolve_model_path(cfg.model)

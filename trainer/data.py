@@ -37,7 +37,9 @@ import torch
 
 from . import atomic
 from .config import DataConfig, read_utf8
+from .fields import MAX_TEXT_CHARS, DataError, show_value, text_field  # noqa: F401 (MAX_TEXT_CHARS: the limit its docstring states)
 from .model import IGNORE
+from .sources import load_source
 
 INSTRUCTIONS = {  # MTL5 tasks; others get GENERIC_INSTRUCTION unless data.instructions sets one
     "agnews": "What is the topic of this news article?",
@@ -49,11 +51,6 @@ INSTRUCTIONS = {  # MTL5 tasks; others get GENERIC_INSTRUCTION unless data.instr
 GENERIC_INSTRUCTION = "Choose the option that best describes the text."
 SENTINEL = "\u2063TEXT\u2063"  # marks where the (truncatable) text sits inside a rendered prompt
 FORMAT_VERSION = "2"  # bump when the prompt layout changes, to invalidate tokenization caches
-MAX_TEXT_CHARS = 1_000_000  # per text field of a row; see the module docstring
-
-
-class DataError(ValueError):
-    """Bad task data; the message names the file, row and field."""
 
 
 @dataclass
@@ -98,8 +95,6 @@ def load_tasks(cfg: DataConfig, seed: int) -> list[Task]:
 
 def load_task(folder: Path, name: str, cfg: DataConfig, seed: int) -> Task:
     if name in cfg.tasks:  # your own files through a column mapping
-        from .sources import load_source
-
         src = load_source(name, cfg.tasks[name], cfg)
         instruction = cfg.instructions.get(name) or GENERIC_INSTRUCTION if src["kind"] == "classification" else ""
         task = Task(name, src["kind"], instruction, src["labels"], src["train"], [], src["test"],
@@ -144,7 +139,7 @@ def read_cl_benchmark(folder: Path, name: str, cfg: DataConfig) -> Task:
         raise DataError(f"{labels_path}: expected a non-empty JSON list of label strings, e.g. [\"World\", \"Sports\"]")
     for i, x in enumerate(labels):
         if not isinstance(x, str) or not x.strip():
-            raise DataError(f"{labels_path}: entry {i} is {_show(x)}; every label must be a non-empty string")
+            raise DataError(f"{labels_path}: entry {i} is {show_value(x)}; every label must be a non-empty string")
     dup = sorted({x for x in labels if labels.count(x) > 1})
     if dup:
         raise DataError(f"{labels_path}: {dup} listed more than once; labels must be distinct")
@@ -156,20 +151,20 @@ def read_cl_benchmark(folder: Path, name: str, cfg: DataConfig) -> Task:
         path = folder / f"{split}.json"
         rows = _read_json(path)
         if not isinstance(rows, list):
-            raise DataError(f"{path}: expected a JSON list of {{\"sentence\", \"label\"}} objects, got {_show(rows)}")
+            raise DataError(f"{path}: expected a JSON list of {{\"sentence\", \"label\"}} objects, got {show_value(rows)}")
         if not rows:
             raise DataError(f"{path}: the {split} split is empty")
         out = []
         for i, row in enumerate(rows):
             where = f"{path}: row {i}"
             if not isinstance(row, dict):
-                raise DataError(f"{where}: expected an object with 'sentence' and 'label', got {_show(row)}")
-            text = _text(row, "sentence", where)
+                raise DataError(f"{where}: expected an object with 'sentence' and 'label', got {show_value(row)}")
+            text = text_field(row, "sentence", where)
             if "label" not in row:
                 raise DataError(f"{where}: field 'label' is missing; give one of {labels_path} {labels}")
             label = row["label"]
             if not isinstance(label, str):
-                raise DataError(f"{where}: field 'label' is {_show(label)}, not a string; write the label itself, "
+                raise DataError(f"{where}: field 'label' is {show_value(label)}, not a string; write the label itself, "
                                 f"one of {labels_path} {labels}")
             if label not in index:
                 raise DataError(f"{where}: field 'label' is {label!r}, which is not in {labels_path} {labels}")
@@ -200,47 +195,14 @@ def _load_generation(folder: Path, name: str) -> Task:
         for lineno, row in read_jsonl(path):
             where = f"{path}: line {lineno}"
             if not isinstance(row, dict):
-                raise DataError(f"{where}: expected an object with instruction, input, output, got {_show(row)}")
-            out.append({"instruction": _text(row, "instruction", where),
-                        "text": _text(row, "input", where, optional=True),
-                        "output": _text(row, "output", where), "ref": f"{split}.jsonl line {lineno}"})
+                raise DataError(f"{where}: expected an object with instruction, input, output, got {show_value(row)}")
+            out.append({"instruction": text_field(row, "instruction", where),
+                        "text": text_field(row, "input", where, optional=True),
+                        "output": text_field(row, "output", where), "ref": f"{split}.jsonl line {lineno}"})
         if not out:
             raise DataError(f"{path}: the {split} split is empty")
         splits[split] = out
     return Task(name, "generation", "", None, splits["train"], [], splits["test"], folder)
-
-
-def _text(row: dict, key: str, where: str, optional: bool = False) -> str:
-    """Field `key` of a row: a string, not blank (an optional field may be absent or empty), of at most
-    MAX_TEXT_CHARS characters and valid Unicode."""
-    if key not in row:
-        if optional:
-            return ""
-        raise DataError(f"{where}: field '{key}' is missing")
-    value = row[key]
-    if not isinstance(value, str):
-        raise DataError(f"{where}: field '{key}' must be a string, got {_show(value)}")
-    if not optional and not value.strip():
-        raise DataError(f"{where}: field '{key}' is empty; give it text or remove the row")
-    if len(value) > MAX_TEXT_CHARS:
-        raise DataError(f"{where}: field '{key}' has {len(value):,} characters, over the limit of {MAX_TEXT_CHARS:,}; "
-                        f"shorten the text or remove the row")
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise DataError(f"{where}: field '{key}' holds an unpaired surrogate {value[e.start]!r} at character "
-                        f"{e.start}, which is not valid Unicode; fix that \\u escape") from None
-    return value
-
-
-def _show(value) -> str:
-    """A JSON value for an error message: its JSON type and a short excerpt."""
-    kind = {bool: "a boolean", int: "a number", float: "a number", str: "a string", list: "a list",
-            dict: "an object", type(None): "null"}.get(type(value), type(value).__name__)
-    if value is None:
-        return kind
-    text = json.dumps(value, ensure_ascii=False)
-    return f"{kind} ({text if len(text) <= 40 else text[:37] + '...'})"
 
 
 def _read_json(path: Path):
@@ -358,14 +320,14 @@ class PromptFormat:
         before, after = rendered.split(SENTINEL)
         return before, after
 
-    def answer_text(self, answer: str) -> str:
+    def answertext_field(self, answer: str) -> str:
         """The answer as it follows the prompt: after a space on the plain path ("Answer: A")."""
         return answer if self.chat else " " + answer
 
     def options(self, task: Task) -> list[list[int]]:
         """Per class, the ids of its answer after this task's prompt (which ends the same for every row)."""
         before, after = self.frame(self.content(task, {"text": ""}))
-        answers = [self.answer_text(a) for a in self.option_answers(task)]
+        answers = [self.answertext_field(a) for a in self.option_answers(task)]
         encoded = self._encode([before + after + a for a in answers])
         return [ids[_split_at(offsets, len(before + after), task.source / "labels.json"):]
                 for ids, offsets in encoded]
@@ -408,7 +370,7 @@ class PromptFormat:
             options, reserve = None, None
             answers = [r["output"] for r in rows]
         frames = [self.frame(self.content(task, r)) for r in rows]
-        spoken = [self.answer_text(a) for a in answers]
+        spoken = [self.answertext_field(a) for a in answers]
         encoded = self._encode([b + r["text"] + a + ans for (b, a), r, ans in zip(frames, rows, spoken)])
         out = {"input_ids": [], "labels": [], "prompt_len": [], "label": [],
                "target": answers if options is None else [""] * len(rows)}

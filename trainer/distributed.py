@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from . import atomic
+from .builtin import resolve_model_path
 from .checkpoint import CheckpointError
 from .config import Config, ConfigError, ModelConfig
 from .plan import Cluster, Plan, find_ds_config, plan_for, read_ds_config  # noqa: F401 (find_ds_config: re-exported)
@@ -515,8 +516,6 @@ def resolve_dtype(model: ModelConfig) -> torch.dtype:
         return torch.bfloat16
     if not cpu_has_bf16():
         return torch.float32
-    from .base import resolve_model_path  # (base imports this module)
-
     hidden = json.loads((resolve_model_path(model) / "config.json").read_text()).get("hidden_size", 0)
     return torch.bfloat16 if hidden >= BF16_CPU_MIN_HIDDEN else torch.float32
 
@@ -544,7 +543,6 @@ def auto_plan(cfg: Config, world_size: int, device: torch.device, training: bool
     """The memory and communication plan (trainer/plan.py) of this run on the ranks it was started with."""
     from transformers import AutoConfig
 
-    from .base import resolve_model_path  # (base imports this module)
 
     local = local_world_size(world_size)
     if world_size % local:

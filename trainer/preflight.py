@@ -37,7 +37,8 @@ def check_model(model: ModelConfig) -> str:
     """`model.path` read as a stage reads it: its config, its weight files and its tokenizer."""
     from transformers import AutoConfig
 
-    from .base import load_tokenizer, resolve_model_path
+    from .base import load_tokenizer
+    from .builtin import resolve_model_path
     from .model import SUPPORTED_MODEL_TYPES
     from .partitioned import checkpoint_files
 

@@ -27,7 +27,7 @@ import zlib
 from pathlib import Path
 
 from .config import DataConfig, TaskSource
-from .data import DataError, _show, _text
+from .fields import DataError, show_value, text_field
 
 FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 
@@ -143,10 +143,10 @@ def _rows(ds, src: TaskSource, labels: list[str] | None, path: Path) -> list[dic
         where = f"{path}: row {i}"
         ref = f"{path.name} row {i}"
         if src.text:
-            text = _text(row, src.text, where)
+            text = text_field(row, src.text, where)
             label = row[src.label]
             if isinstance(label, bool) or not isinstance(label, (int, str)):
-                raise DataError(f"{where}: column {src.label!r} is {_show(label)}; a label is a string or an integer")
+                raise DataError(f"{where}: column {src.label!r} is {show_value(label)}; a label is a string or an integer")
             if isinstance(label, int):
                 if not 0 <= label < len(labels):
                     raise DataError(f"{where}: column {src.label!r} is {label}, outside the {len(labels)} labels "
@@ -159,9 +159,9 @@ def _rows(ds, src: TaskSource, labels: list[str] | None, path: Path) -> list[dic
             out.append({**_chat(row.get(src.messages), where, src.messages), "ref": ref})
         else:
             given = {k: v for k, v in row.items() if v is not None}  # an empty CSV cell reads as None
-            out.append({"instruction": _text(row, src.instruction, where),
-                        "text": _text(given, src.input, where, optional=True) if src.input else "",
-                        "output": _text(row, src.output, where), "ref": ref})
+            out.append({"instruction": text_field(row, src.instruction, where),
+                        "text": text_field(given, src.input, where, optional=True) if src.input else "",
+                        "output": text_field(row, src.output, where), "ref": ref})
     return out
 
 
@@ -174,5 +174,5 @@ def _chat(messages, where: str, column: str) -> dict:
         hint = (" (a per-row system message is not supported: set data.system_prompt)" if "system" in roles else "")
         raise DataError(f"{where}: column {column!r} has roles {roles}; a row must be one user turn then one "
                     f"assistant turn{hint}")
-    return {"instruction": _text(messages[0], "content", f"{where}: {column}[0]"), "text": "",
-            "output": _text(messages[1], "content", f"{where}: {column}[1]")}
+    return {"instruction": text_field(messages[0], "content", f"{where}: {column}[0]"), "text": "",
+            "output": text_field(messages[1], "content", f"{where}: {column}[1]")}
