@@ -21,7 +21,8 @@ import pytest
 
 from trainer import cli
 from trainer.config import ConfigError, DataConfig, load_config
-from trainer.data import INSTRUCTIONS, MAX_TEXT_CHARS, DataError, load_tasks
+from trainer.data import INSTRUCTIONS, DataError, load_tasks
+from trainer.fields import MAX_TEXT_CHARS
 
 from .conftest import DATA, REPO
 

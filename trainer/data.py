@@ -37,7 +37,7 @@ import torch
 
 from . import atomic
 from .config import DataConfig, read_utf8
-from .fields import MAX_TEXT_CHARS, DataError, show_value, text_field  # noqa: F401 (MAX_TEXT_CHARS: the limit its docstring states)
+from .fields import DataError, show_value, text_field
 from .model import IGNORE
 from .sources import load_source
 
